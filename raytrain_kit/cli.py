@@ -1,0 +1,93 @@
+"""Command line: `raytrain-kit validate | train | reference`; maps errors to exit codes.
+
+A `KitError` is printed as one line per problem (`error: ...`) with exit code 2 (bad input),
+3 (failed preflight) or 1 (failed run), and no traceback. Exercised by every test in
+`tests/test_cli.py` and by the README's commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from raytrain_kit.errors import KitError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (dotted key, YAML value); repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raytrain-kit", description="Validated, data-parallel PyTorch training on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="check a config and print it fully resolved, as YAML")
+    _add_config_args(p)
+    p = sub.add_parser("train", help="train an experiment on an embedded Ray or a cluster")
+    _add_config_args(p)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--resume", action="store_true", help="continue the run named by the config from its latest checkpoint")
+    sub.add_parser("reference", help="print the config reference (Markdown) generated from the config models")
+    return parser
+
+
+def format_epoch(m: dict, *, total_epochs: int) -> str:
+    parts = [f"epoch {m['epoch']:>3}/{total_epochs}", f"train_loss {m['train_loss']:.4f}"]
+    if "val_loss" in m:
+        parts.append(f"val_loss {m['val_loss']:.4f}")
+    if "val_accuracy" in m:
+        parts.append(f"val_accuracy {m['val_accuracy']:.4f}")
+    parts += [f"lr {m['lr']:.2e}", f"{m['samples_per_s']:,.0f} samples/s"]
+    if m.get("checkpoint"):
+        parts.append("[checkpoint]")
+    return "  ".join(parts)
+
+
+def _train(args) -> int:
+    from raytrain_kit.config import load_experiment
+    from raytrain_kit.launch import connect, fit
+
+    cfg = load_experiment(args.config, args.overrides)
+    connect(args.address)
+    summary = fit(cfg, resume=args.resume,
+                  on_epoch=lambda m: print(format_epoch(m, total_epochs=cfg.train.epochs), flush=True))
+    best = summary["best_value"]
+    print(f"done: {summary['epochs_completed']} epochs, best {summary['metric']} "
+          f"{best:.4f} (epoch {summary['best_epoch']})" if best is not None else "done")
+    print(f"run directory: {summary['run_dir']}")
+    print(f"checkpoint:    {summary['checkpoint']}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            from raytrain_kit.config import load_experiment, to_yaml
+
+            print(to_yaml(load_experiment(args.config, args.overrides)), end="")
+            return 0
+        if args.command == "reference":
+            from raytrain_kit.config import config_reference_markdown
+
+            print(config_reference_markdown(), end="")
+            return 0
+        return _train(args)
+    except KitError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    # Ray's atexit hooks can hang on a dead cluster after a failure; the result is already out.
+    code = main()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code) if code else sys.exit(0)

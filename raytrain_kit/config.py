@@ -1,0 +1,426 @@
+"""The experiment: one frozen pydantic model per concern, loaded from YAML with overrides.
+
+Owns the public config interface (key names, defaults, allowed values), the single override
+function shared by `--set` and Tune trials (`with_overrides`), error messages that name the
+field and suggest the nearest valid key, and the README's generated config reference.
+Exercised by `raytrain-kit validate jobs/digits.yaml --set optim.lr=3e-4`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Sequence, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raytrain_kit.errors import ConfigError
+
+
+class _Section(BaseModel):
+    # Field docstrings become descriptions, which the README reference is generated from.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class DataConfig(_Section):
+    source: Literal["digits", "csv", "parquet", "synthetic"] = "digits"
+    """Where rows come from: scikit-learn's 8x8 digits, a CSV or Parquet file/folder, or seeded synthetic data."""
+    path: Optional[str] = None
+    """File or folder for csv/parquet: a local path or any URI pyarrow reads (s3://, gs://, hdfs://)."""
+    features: Optional[list[str]] = None
+    """Feature columns, in order; omitted means every column except the label."""
+    label: str = "label"
+    """Label column: class index in [0, num_classes) for classification, a number for regression."""
+    task: Literal["classification", "regression"] = "classification"
+    """Cross-entropy with accuracy, or mean squared error."""
+    num_classes: Optional[int] = Field(default=None, ge=0)
+    """Classes; files: inferred from the labels when omitted. Synthetic: 0 makes a regression target (default 2)."""
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
+    """Fraction of rows held out for validation by a seeded split (seed: train.seed)."""
+    num_rows: int = Field(default=10_000, ge=10)
+    """Synthetic only: number of rows; make it large for benchmarks."""
+    num_features: int = Field(default=20, ge=1)
+    """Synthetic only: number of features."""
+    noise: float = Field(default=0.1, ge=0.0)
+    """Synthetic only: standard deviation of the noise added to the target's logits or values."""
+    input_shape: Optional[list[int]] = None
+    """Per-sample shape the feature vector is reshaped to: [C, H, W] for cnn, [T, F] or [C, H, W] for rnn. Digits: [1, 8, 8]."""
+    standardize: bool = True
+    """Scale each feature to zero mean and unit variance with statistics of the training split."""
+    shuffle: bool = True
+    """Reshuffle each worker's training shard every epoch (seeded by train.seed and the epoch)."""
+    in_memory: bool = True
+    """Materialize the prepared data once and keep each worker's shard in its memory; turn off for shards larger than a worker's memory (then every epoch streams from Ray Data)."""
+
+
+class ModelConfig(_Section):
+    kind: Literal["mlp", "cnn", "rnn", "custom"] = "mlp"
+    """Architecture: multilayer perceptron, small conv net for [C, H, W] input, LSTM/GRU over a sequence (an image row by row), or your own."""
+    hidden: list[int] = Field(default_factory=lambda: [128])
+    """mlp: hidden layer widths; cnn: widths of the fully connected head after the convolutions."""
+    channels: list[int] = Field(default_factory=lambda: [32, 64])
+    """cnn: output channels of each conv block (conv, activation, 2x2 max-pool while the image is at least 2x2)."""
+    kernel_size: int = Field(default=3, ge=1)
+    """cnn: convolution kernel size (odd sizes keep the spatial shape)."""
+    activation: Literal["relu", "gelu", "tanh", "silu", "leaky_relu"] = "relu"
+    """Nonlinearity between layers (also the gain used by kaiming initialization)."""
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """Dropout probability after each hidden layer (and between stacked RNN layers)."""
+    cell: Literal["lstm", "gru"] = "lstm"
+    """rnn: recurrent cell."""
+    hidden_size: int = Field(default=64, ge=1)
+    """rnn: hidden state size per direction."""
+    num_layers: int = Field(default=1, ge=1)
+    """rnn: stacked recurrent layers."""
+    bidirectional: bool = False
+    """rnn: read the sequence in both directions."""
+    target: Optional[str] = None
+    """custom: 'package.module:callable' called as callable(data_spec, **kwargs), returning an nn.Module."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """custom: keyword arguments passed to the target."""
+
+
+InitScheme = Literal[
+    "default", "zeros", "normal", "truncated_normal", "xavier_uniform", "xavier_normal",
+    "kaiming_uniform", "kaiming_normal", "orthogonal",
+]
+
+
+class InitConfig(_Section):
+    scheme: InitScheme = "default"
+    """Weight initialization of linear, conv and recurrent weights; 'default' keeps PyTorch's own."""
+    std: float = Field(default=0.02, gt=0.0)
+    """normal / truncated_normal: standard deviation (truncated at +-2 std)."""
+    gain: float = Field(default=1.0, gt=0.0)
+    """xavier_* and orthogonal: scale factor."""
+    bias: Optional[float] = None
+    """Constant every bias starts at; omitted means 0 for every scheme but 'default' (which keeps PyTorch's biases)."""
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adagrad", "rmsprop", "adam", "adamw"] = "adam"
+    """Optimizer."""
+    lr: float = Field(default=1e-3, gt=0.0)
+    """Peak learning rate (the schedule scales it)."""
+    momentum: float = Field(default=0.0, ge=0.0, lt=1.0)
+    """sgd and rmsprop: momentum."""
+    nesterov: bool = False
+    """sgd: Nesterov momentum (needs momentum > 0)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """adam / adamw: coefficients of the running averages of the gradient and its square."""
+    eps: float = Field(default=1e-8, gt=0.0)
+    """adagrad, rmsprop, adam, adamw: term added to the denominator for numerical stability."""
+    alpha: float = Field(default=0.99, gt=0.0, lt=1.0)
+    """rmsprop: smoothing constant of the squared-gradient average."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimConfig":
+        if self.nesterov and (self.name != "sgd" or self.momentum <= 0):
+            raise ValueError("nesterov needs name: sgd and momentum > 0; set optim.nesterov: false or raise optim.momentum")
+        for b in self.betas:
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"betas must lie in [0, 1), got {list(self.betas)}")
+        return self
+
+
+class ScheduleConfig(_Section):
+    kind: Literal["constant", "exponential", "step", "cosine", "plateau"] = "constant"
+    """Learning-rate schedule, a function of the optimizer step (plateau: of the validation metric per epoch)."""
+    warmup_steps: int = Field(default=0, ge=0)
+    """Linear warmup: lr * (step + 1) / warmup_steps for the first steps; the schedule starts after it."""
+    decay_steps: int = Field(default=1000, ge=1)
+    """exponential: steps over which the lr is multiplied by decay_rate once."""
+    decay_rate: float = Field(default=0.96, gt=0.0)
+    """exponential: lr * decay_rate ** (step / decay_steps), as Keras' ExponentialDecay."""
+    staircase: bool = False
+    """exponential: decay in whole steps, lr * decay_rate ** floor(step / decay_steps)."""
+    step_size: int = Field(default=1000, ge=1)
+    """step: steps between multiplications by gamma."""
+    gamma: float = Field(default=0.1, gt=0.0)
+    """step: factor applied every step_size steps."""
+    min_lr: float = Field(default=0.0, ge=0.0)
+    """Floor of the decayed lr; cosine ends exactly here."""
+    patience: int = Field(default=2, ge=0)
+    """plateau: epochs without improvement of train.metric before the lr is reduced."""
+    factor: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """plateau: factor the lr is multiplied by on a plateau."""
+
+
+class RegularizationConfig(_Section):
+    l1: float = Field(default=0.0, ge=0.0)
+    """L1 penalty l1 * sum|w| on weights (not biases or normalization layers), added to the loss."""
+    l2: float = Field(default=0.0, ge=0.0)
+    """L2 penalty l2 * sum w^2 on weights (not biases or normalization layers), added to the loss."""
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    """Decoupled weight decay w -= lr * weight_decay * w on weights, for every optimizer (AdamW's own for adamw)."""
+    grad_clip_norm: Optional[float] = Field(default=None, gt=0.0)
+    """Clip the global gradient norm to this value before each step."""
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(default=10, ge=1)
+    """Passes over the training data."""
+    batch_size: int = Field(default=64, ge=1)
+    """Samples per worker per step; the global batch is batch_size * scaling.num_workers."""
+    seed: int = 0
+    """Seeds the split, initialization, shuffling and dropout: same seed and worker count, same metrics."""
+    eval_every: int = Field(default=1, ge=1)
+    """Evaluate on the validation split every this many epochs (and on the last and checkpoint epochs)."""
+    metric: Optional[Literal["val_loss", "val_accuracy", "train_loss"]] = None
+    """Metric that ranks checkpoints and drives plateau; default val_accuracy for classification, val_loss for regression."""
+    mode: Optional[Literal["min", "max"]] = None
+    """Whether the metric is minimized or maximized; default follows the metric (max for accuracy)."""
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(default=1, ge=1)
+    """Data-parallel training workers (DDP processes)."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL); otherwise CPU with gloo."""
+    cpus_per_worker: float = Field(default=1.0, gt=0.0)
+    """CPUs each worker reserves; fractions allowed."""
+
+
+class CheckpointConfig(_Section):
+    every_epochs: int = Field(default=1, ge=1)
+    """Save a checkpoint every this many epochs; the last epoch is always saved."""
+    keep: int = Field(default=2, ge=1)
+    """Checkpoints kept: the best by train.metric, plus always the latest."""
+
+
+class RunConfig(_Section):
+    name: Optional[str] = None
+    """Run directory name under storage_path; default the config file's name. --resume continues it."""
+    storage_path: str = "runs"
+    """Where runs are written: a local directory (relative to the current directory) or a URI (s3://, gs://)."""
+
+
+class Experiment(_Section):
+    """A complete experiment; every section has defaults, so a YAML file names only what differs."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Data source, columns, split and input pipeline."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """Network architecture."""
+    init: InitConfig = Field(default_factory=InitConfig)
+    """Weight initialization."""
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    regularization: RegularizationConfig = Field(default_factory=RegularizationConfig)
+    """Penalties, decay and clipping."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    """Training loop."""
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    """Workers and resources."""
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    """Checkpoint cadence and retention."""
+    run: RunConfig = Field(default_factory=RunConfig)
+    """Run name and storage."""
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "Experiment":
+        problems = []
+        d, m = self.data, self.model
+        if d.source in ("csv", "parquet") and not d.path:
+            problems.append(f"data.path: required for source {d.source!r}; give a file, folder or URI")
+        if d.source == "synthetic" and d.num_classes == 0 and d.task != "regression":
+            problems.append("data.num_classes: 0 makes a regression target; also set data.task: regression")
+        if d.source == "synthetic" and d.task == "regression" and d.num_classes not in (None, 0):
+            problems.append(f"data.num_classes: {d.num_classes} classes with data.task: regression; use 0 or task: classification")
+        if d.source == "digits" and d.task != "classification":
+            problems.append("data.task: digits is a classification data set")
+        if m.kind == "custom" and not m.target:
+            problems.append("model.target: required for kind 'custom', as 'package.module:callable'")
+        if m.target and m.kind != "custom":
+            problems.append(f"model.target: only used with kind 'custom' (kind is {m.kind!r})")
+        if m.target and (m.target.count(":") != 1 or not all(m.target.split(":"))):
+            problems.append(f"model.target: {m.target!r} is not 'package.module:callable'")
+        if d.input_shape is not None:
+            if any(s < 1 for s in d.input_shape):
+                problems.append(f"data.input_shape: {d.input_shape} has a non-positive size")
+            if m.kind == "cnn" and len(d.input_shape) != 3:
+                problems.append(f"data.input_shape: cnn needs [C, H, W], got {d.input_shape}")
+            if m.kind == "rnn" and len(d.input_shape) not in (2, 3):
+                problems.append(f"data.input_shape: rnn needs [T, F] or [C, H, W], got {d.input_shape}")
+        elif m.kind == "cnn" and d.source != "digits":
+            problems.append("data.input_shape: cnn needs an image shape [C, H, W] for the feature vector")
+        if self.schedule.kind == "plateau" and self.schedule.warmup_steps:
+            problems.append("schedule.warmup_steps: not supported with kind 'plateau'; set it to 0 or pick another kind")
+        if d.task == "regression" and self.train.metric == "val_accuracy":
+            problems.append("train.metric: val_accuracy needs data.task: classification; use val_loss")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    # Derived, not configured: defaults that follow from other settings.
+    @property
+    def metric(self) -> str:
+        if self.train.metric:
+            return self.train.metric
+        return "val_accuracy" if self.data.task == "classification" else "val_loss"
+
+    @property
+    def mode(self) -> str:
+        if self.train.mode:
+            return self.train.mode
+        return "max" if self.metric == "val_accuracy" else "min"
+
+    @property
+    def input_shape(self) -> Optional[list[int]]:
+        if self.data.input_shape is not None:
+            return list(self.data.input_shape)
+        return [1, 8, 8] if self.data.source == "digits" else None
+
+
+SECTIONS = {name: f.annotation for name, f in Experiment.model_fields.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """`["optim.lr=3e-4", "model.hidden=[64, 64]"]` -> {"optim.lr": 0.0003, ...}; values are YAML."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected dotted.key=value, e.g. --set optim.lr=3e-4")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({_first_line(e)})") from None
+    return out
+
+
+def _apply(raw: dict, overrides: Mapping[str, Any]) -> dict:
+    """Set dotted keys in a nested dict (a copy), creating sections as needed."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: is {child!r}, not a section; cannot set {dotted}")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def build_experiment(raw: Mapping[str, Any], *, source: str = "config") -> Experiment:
+    """Validate a plain dict into an Experiment, turning pydantic errors into one line each."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Experiment.model_validate(dict(raw))
+    except ValidationError as e:
+        raise ConfigError(*[_describe(err) for err in e.errors()]) from None
+
+
+def with_overrides(cfg: Experiment, overrides: Mapping[str, Any]) -> Experiment:
+    """The one override path: `--set` and every Tune trial. Returns a new, re-validated config."""
+    raw = cfg.model_dump(mode="json", exclude_unset=False)
+    return build_experiment(_apply(raw, overrides))
+
+
+def load_experiment(path: str | os.PathLike, overrides: Sequence[str] | Mapping[str, Any] = ()) -> Experiment:
+    """Read a YAML experiment (safe_load), apply `--set` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_first_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    if not isinstance(overrides, Mapping):
+        overrides = parse_overrides(overrides)
+    raw = _apply(raw, overrides)
+    # A run is named after its config unless it says otherwise, so `--resume` finds it again.
+    run = raw.get("run")
+    if run is None or (isinstance(run, dict) and run.get("name") is None):
+        raw = _apply(raw, {"run.name": path.stem})
+    return build_experiment(raw, source=str(path))
+
+
+def to_yaml(cfg: Experiment) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Error messages
+
+
+def _first_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:200]
+
+
+def _model_at(loc: Sequence[Any]) -> Optional[type[BaseModel]]:
+    model: Any = Experiment
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        model = fields[part].annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    loc = [p for p in err["loc"] if isinstance(p, str)]
+    path = ".".join(str(p) for p in err["loc"]) or "config"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(loc[:-1] + close)}'?" if close else ""
+        return f"{path}: unknown key{hint} (valid keys: {', '.join(valid)})"
+    if kind == "value_error":
+        # Our own cross-field checks already name their fields, one per line.
+        msg = str(err.get("ctx", {}).get("error", err["msg"]))
+        return msg if not loc else f"{path}: {msg}"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{path}: {err['msg']}{shown}"
+
+
+# ---------------------------------------------------------------------------------------------
+# README reference
+
+
+def _type_name(annotation: Any) -> str:
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin is Union:
+        return " | ".join(_type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def config_reference_markdown() -> str:
+    """The README's config reference, generated from the models so it cannot drift."""
+    lines = []
+    for section, model in SECTIONS.items():
+        lines += [f"### `{section}` — {Experiment.model_fields[section].description}", "",
+                  "| key | type | default | meaning |", "|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            shown = "—" if default is None else f"`{default if not isinstance(default, tuple) else list(default)}`"
+            typ = _type_name(field.annotation).replace("|", "\\|")
+            lines.append(f"| `{section}.{name}` | {typ} | {shown} | {field.description} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"

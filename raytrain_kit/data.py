@@ -1,0 +1,272 @@
+"""Ray Datasets for an experiment: read, check the schema, split, standardize, describe.
+
+Owns everything between a `DataConfig` and the `{"train", "val"}` datasets handed to
+`TorchTrainer(datasets=...)`: the four sources, a single statistics pass that finds schema
+problems (missing or non-numeric columns, NaN/inf, labels out of range) before any training
+worker starts, a seeded train/validation split, and the `DataSpec` models are built from.
+Rows leave here as two columns, `x` (float32 feature vector) and `y` (label).
+Exercised by `raytrain-kit validate jobs/tabular_mlp.yaml` and `tests/test_data.py`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import ray
+
+from raytrain_kit.config import Experiment
+from raytrain_kit.errors import DataError
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a model needs to know about the data, and what the worker needs to batch it."""
+
+    num_features: int
+    num_classes: int  # 0 for regression
+    input_shape: tuple[int, ...]  # per-sample shape the feature vector is viewed as
+    num_train_rows: int
+    num_val_rows: int
+    feature_names: tuple[str, ...] = field(default=())
+
+    @property
+    def task(self) -> str:
+        return "classification" if self.num_classes else "regression"
+
+    @property
+    def num_outputs(self) -> int:
+        return self.num_classes or 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _digits_frame() -> pd.DataFrame:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # Pixels are counts 0..16; scale to [0, 1] as is conventional for this data set.
+    frame = pd.DataFrame((bunch.data / 16.0).astype(np.float32), columns=[f"pixel_{i}" for i in range(64)])
+    frame["label"] = bunch.target.astype(np.int64)
+    return frame
+
+
+def _synthetic_block(batch: dict, *, seed: int, num_features: int, num_classes: int, noise: float) -> dict:
+    """Rows from a fixed random teacher; each block is seeded by its first row id, so data is
+    identical whatever the block layout of the range it came from."""
+    ids = batch["id"]
+    teacher = np.random.default_rng([seed, 0xDA7A])
+    weights = teacher.standard_normal((num_features, max(num_classes, 1))) / np.sqrt(num_features)
+    rng = np.random.default_rng([seed, int(ids[0]) if len(ids) else 0])
+    x = rng.standard_normal((len(ids), num_features)).astype(np.float32)
+    scores = x @ weights + noise * rng.standard_normal((len(ids), weights.shape[1]))
+    out = {f"f{i}": x[:, i] for i in range(num_features)}
+    out["label"] = scores.argmax(axis=1).astype(np.int64) if num_classes else scores[:, 0].astype(np.float32)
+    return out
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def read_table(cfg: Experiment) -> tuple[ray.data.Dataset, str]:
+    """The raw rows as a lazy Ray Dataset, and a name for error messages."""
+    d = cfg.data
+    if d.source == "digits":
+        return ray.data.from_pandas(_digits_frame()), "digits"
+    if d.source == "synthetic":
+        num_classes = 2 if d.num_classes is None else d.num_classes
+        ds = ray.data.range(d.num_rows, override_num_blocks=max(1, min(64, d.num_rows // 2048)))
+        ds = ds.map_batches(_synthetic_block, batch_size=None, fn_kwargs=dict(
+            seed=cfg.train.seed, num_features=d.num_features, num_classes=num_classes, noise=d.noise))
+        return ds, "synthetic"
+    path = d.path
+    assert path is not None  # config validation requires it for files
+    if _is_local(path):
+        path = os.path.abspath(path.removeprefix("file://"))
+        if not os.path.exists(path):
+            raise DataError(f"data.path: {path}: no such file or folder")
+    reader = ray.data.read_csv if d.source == "csv" else ray.data.read_parquet
+    try:
+        return reader(path), path
+    except Exception as e:  # pyarrow and fsspec raise many types for unreadable input
+        raise DataError(f"data.path: {path}: cannot read as {d.source} ({type(e).__name__}: {_short(e)})") from None
+
+
+def _short(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def _schema(ds: ray.data.Dataset, where: str):
+    try:
+        schema = ds.schema()
+    except Exception as e:  # a malformed file surfaces on the first read
+        raise DataError(f"data.path: {where}: cannot read ({type(e).__name__}: {_short(e)})") from None
+    if schema is None:
+        raise DataError(f"data.path: {where}: holds no rows")
+    return schema
+
+
+def _numeric(t) -> bool:
+    # Ray reports arrow types for Arrow blocks and numpy dtypes for pandas blocks.
+    if isinstance(t, pa.DataType):
+        return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t) or pa.types.is_null(t)
+    try:
+        return bool(np.issubdtype(np.dtype(t), np.number) or np.issubdtype(np.dtype(t), np.bool_))
+    except TypeError:
+        return False
+
+
+def select_columns(cfg: Experiment, schema, where: str) -> list[str]:
+    """The feature columns, after checking that they and the label exist and are numeric."""
+    d = cfg.data
+    names = list(schema.names)
+    if d.label not in names:
+        raise DataError(f"data.label: column {d.label!r} not found in {where} (columns: {', '.join(names[:20])})")
+    features = list(d.features) if d.features else [n for n in names if n != d.label]
+    missing = [f for f in features if f not in names]
+    if missing:
+        raise DataError(f"data.features: column(s) {', '.join(map(repr, missing))} not found in {where}")
+    if not features:
+        raise DataError(f"data.features: {where} has no feature columns besides the label {d.label!r}")
+    types = dict(zip(schema.names, schema.types))
+    problems = [f"column {c!r} in {where} is {types[c]}, not numeric; drop it from data.features or encode it"
+                for c in features + [d.label] if not _numeric(types[c])]
+    if problems:
+        raise DataError(*problems)
+    return features
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing and statistics (pure functions over pandas / numpy batches, run by Ray Data)
+
+
+def _pack(frame: pd.DataFrame, *, features: list[str], label: str, classification: bool) -> dict:
+    x = frame[features].to_numpy(dtype=np.float64, na_value=np.nan)
+    y = frame[label].to_numpy(dtype=np.float64, na_value=np.nan)
+    return {"x": x, "y": y}
+
+
+def _block_stats(batch: dict) -> dict:
+    """Per-block sufficient statistics: counts, sums, sums of squares, non-finite cells, label range."""
+    x, y = batch["x"].astype(np.float64), batch["y"].astype(np.float64)
+    finite_x = np.isfinite(x)
+    xz = np.where(finite_x, x, 0.0)
+    finite_y = y[np.isfinite(y)]
+    return {
+        "count": np.array([len(y)]),
+        "sum": xz.sum(axis=0, keepdims=True),
+        "sumsq": (xz * xz).sum(axis=0, keepdims=True),
+        "bad_x": (~finite_x).sum(axis=0, keepdims=True),
+        "bad_y": np.array([len(y) - len(finite_y)]),
+        "y_min": np.array([finite_y.min() if len(finite_y) else np.inf]),
+        "y_max": np.array([finite_y.max() if len(finite_y) else -np.inf]),
+        "y_nonint": np.array([int((finite_y != np.round(finite_y)).sum())]),
+    }
+
+
+@dataclass
+class _Stats:
+    count: int
+    mean: np.ndarray
+    std: np.ndarray
+    bad_x: np.ndarray
+    bad_y: int
+    y_min: float
+    y_max: float
+    y_nonint: int
+
+
+def collect_stats(ds: ray.data.Dataset) -> _Stats:
+    rows = ds.map_batches(_block_stats, batch_size=None, batch_format="numpy").take_all()
+    assert rows, "statistics of an empty dataset"
+    count = int(sum(r["count"] for r in rows))
+    total = sum(r["sum"] for r in rows)
+    total_sq = sum(r["sumsq"] for r in rows)
+    mean = total / max(count, 1)
+    var = np.maximum(total_sq / max(count, 1) - mean * mean, 0.0)
+    return _Stats(
+        count=count, mean=mean, std=np.sqrt(var),
+        bad_x=sum(r["bad_x"] for r in rows), bad_y=int(sum(r["bad_y"] for r in rows)),
+        y_min=float(min(r["y_min"] for r in rows)), y_max=float(max(r["y_max"] for r in rows)),
+        y_nonint=int(sum(r["y_nonint"] for r in rows)),
+    )
+
+
+def check_stats(cfg: Experiment, stats: _Stats, *, features: list[str], where: str) -> int:
+    """Raise a DataError naming each bad column; return the number of classes (0: regression)."""
+    d = cfg.data
+    problems = [f"column {features[i]!r} in {where} has {int(n)} NaN, inf or missing value(s); clean or impute it"
+                for i, n in enumerate(stats.bad_x) if n]
+    if stats.bad_y:
+        problems.append(f"label column {d.label!r} in {where} has {stats.bad_y} NaN, inf or missing value(s)")
+    num_classes = 0
+    if d.task == "classification" and not stats.bad_y:
+        declared = d.num_classes if d.source != "synthetic" else (d.num_classes or 2)
+        num_classes = declared if declared else int(stats.y_max) + 1
+        if stats.y_nonint:
+            problems.append(f"label column {d.label!r} in {where} has {stats.y_nonint} non-integer value(s); "
+                            "classification needs class indices (or set data.task: regression)")
+        elif stats.y_min < 0 or stats.y_max >= num_classes:
+            bad = stats.y_min if stats.y_min < 0 else stats.y_max
+            problems.append(f"label column {d.label!r} in {where} has value {bad:g} outside [0, {num_classes}); "
+                            "labels must be class indices (check data.num_classes)")
+        elif num_classes < 2:
+            problems.append(f"label column {d.label!r} in {where} has a single class; classification needs two or more")
+    if problems:
+        raise DataError(*problems)
+    return num_classes
+
+
+def _finish(batch: dict, *, mean: Optional[np.ndarray], std: Optional[np.ndarray], classification: bool) -> dict:
+    x = batch["x"]
+    if mean is not None:
+        # Constant columns (digits' blank border pixels) keep scale 1 instead of dividing by zero.
+        x = (x - mean) / np.where(std > 1e-12, std, 1.0)
+    y = batch["y"].astype(np.int64) if classification else batch["y"].astype(np.float32)
+    return {"x": x.astype(np.float32), "y": y}
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+
+def build_datasets(cfg: Experiment) -> tuple[dict[str, ray.data.Dataset], DataSpec]:
+    """Train/val Ray Datasets with columns `x`, `y`, checked before any worker starts."""
+    d = cfg.data
+    raw, where = read_table(cfg)
+    features = select_columns(cfg, _schema(raw, where), where)
+    classification = d.task == "classification"
+    packed = raw.map_batches(_pack, batch_format="pandas", fn_kwargs=dict(
+        features=features, label=d.label, classification=classification))
+    # A fixed block layout before the seeded shuffle keeps the split identical run to run.
+    packed = packed.materialize() if d.in_memory else packed
+    stats = collect_stats(packed)
+    num_classes = check_stats(cfg, stats, features=features, where=where)
+    if stats.count < 2:
+        raise DataError(f"data.path: {where} has {stats.count} row(s); need at least 2 to split")
+    train, val = packed.train_test_split(test_size=d.val_fraction, shuffle=True, seed=cfg.train.seed)
+    # Standardize with training statistics only, so validation stays unseen.
+    scale = collect_stats(train) if d.standardize else None
+    finish = dict(mean=scale.mean if scale else None, std=scale.std if scale else None,
+                  classification=classification)
+    train = train.map_batches(_finish, batch_format="numpy", fn_kwargs=finish)
+    val = val.map_batches(_finish, batch_format="numpy", fn_kwargs=finish)
+    if d.in_memory:
+        train, val = train.materialize(), val.materialize()
+    num_train, num_val = train.count(), val.count()
+    if num_val == 0 or num_train == 0:
+        raise DataError(f"data.val_fraction: {d.val_fraction} leaves an empty split of {stats.count} rows")
+    input_shape = tuple(cfg.input_shape) if cfg.input_shape else (len(features),)
+    if int(np.prod(input_shape)) != len(features):
+        raise DataError(f"data.input_shape: {list(input_shape)} holds {int(np.prod(input_shape))} values, "
+                        f"but {where} has {len(features)} feature columns")
+    spec = DataSpec(num_features=len(features), num_classes=num_classes, input_shape=input_shape,
+                    num_train_rows=num_train, num_val_rows=num_val, feature_names=tuple(features))
+    return {"train": train, "val": val}, spec

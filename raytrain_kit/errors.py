@@ -1,0 +1,36 @@
+"""Error tiers the CLI maps to exit codes.
+
+Anything a user can fix is a `KitError` (a `ValueError`), printed by the CLI as one line per
+problem with no traceback: `ConfigError` and `DataError` exit 2, `PreflightError` exits 3.
+Programmer invariants use `assert`. Exercised by `raytrain-kit validate CONFIG`.
+"""
+
+
+class KitError(ValueError):
+    """A problem the user can fix; `problems` holds one message per line."""
+
+    exit_code = 2
+
+    def __init__(self, *problems: str):
+        self.problems = [p for p in problems if p]
+        super().__init__("\n".join(self.problems))
+
+
+class ConfigError(KitError):
+    """The experiment YAML, an override, or a combination of settings is invalid."""
+
+
+class DataError(KitError):
+    """A data file or its schema cannot be used for this experiment."""
+
+
+class PreflightError(KitError):
+    """The preflight gradient check failed: training would learn from wrong gradients."""
+
+    exit_code = 3
+
+
+class RunError(KitError):
+    """The run itself failed (a worker raised, the cluster lost it); exit code 1."""
+
+    exit_code = 1

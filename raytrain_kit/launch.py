@@ -1,0 +1,257 @@
+"""Launch one training run: connect to Ray, build the `TorchTrainer`, fit, write `summary.json`.
+
+Owns the run directory (`run.storage_path/run.name`, local or a URI), the resume-or-refuse
+decision, the progress stream from Ray Train's controller to the driver, and the summary
+that `report` and sweeps read. `sweep` reuses `fit`. Exercised by
+`raytrain-kit train jobs/digits.yaml`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import pyarrow.fs as pafs
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
+
+from raytrain_kit import checkpoint as ckpt
+from raytrain_kit.config import Experiment, to_yaml
+from raytrain_kit.data import DataSpec, build_datasets
+from raytrain_kit.errors import ConfigError, RunError
+from raytrain_kit.worker import spec_to_dict, train_loop_per_worker
+
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray and storage
+
+
+def connect(address: Optional[str] = None) -> None:
+    """Join `address`, else RAY_ADDRESS (set by `ray job submit`), else start an embedded Ray."""
+    if ray.is_initialized():
+        return
+    # Ray Data's per-dataset log lines and progress bars drown the one line per epoch we print;
+    # inherited by the processes of an embedded Ray. Users can still set these themselves.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)  # a notice, not a problem
+    quiet = dict(logging_level=logging.WARNING, configure_logging=True)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **quiet)
+    else:
+        # "local" never attaches to a stale cluster recorded in the temp dir by `ray start`. The
+        # dashboard serves the State API, without which Ray Train's PlacementGroupCleaner cannot
+        # see its controller (and stopped Tune trials leak their CPUs); port 0 = any free port.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=0, **quiet)
+    # Datasets carry the driver's DataContext to Ray Data's actors, so this reaches them too.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
+def storage_root(cfg: Experiment) -> str:
+    """`run.storage_path` as Ray Train wants it: absolute for local paths, URIs unchanged."""
+    path = cfg.run.storage_path
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+
+
+def run_dir(cfg: Experiment) -> str:
+    assert cfg.run.name, "load_experiment names every run"
+    return f"{storage_root(cfg).rstrip('/')}/{cfg.run.name}"
+
+
+def _exists(uri: str) -> bool:
+    fs, path = _fs(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return False
+    if info.type == pafs.FileType.Directory:
+        return bool(fs.get_file_info(pafs.FileSelector(path)))
+    return True
+
+
+def write_run_file(uri: str, name: str, text: str) -> str:
+    """The one writer of run-level files (driver side): temp name + rename on local disks;
+    object stores make a single put atomic on their own."""
+    fs, path = _fs(uri)
+    fs.create_dir(path, recursive=True)
+    target = f"{path}/{name}"
+    tmp = f"{path}/.{name}.tmp"
+    with fs.open_output_stream(tmp) as out:
+        out.write(text.encode())
+    fs.move(tmp, target)
+    return f"{uri}/{name}"
+
+
+def read_history(checkpoint) -> list[dict]:
+    with checkpoint.as_directory() as directory:
+        return ckpt.read_history(Path(directory))
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress: Ray Train calls this on its controller; the driver prints from the queue.
+
+
+class _ForwardReports(UserCallback):
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(dict(metrics[0], checkpoint=checkpoint.path if checkpoint else None))
+
+
+def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event) -> None:
+    from ray.util.queue import Empty
+
+    while True:
+        try:
+            on_epoch(queue.get(timeout=0.3))
+        except Empty:
+            if stop.is_set():
+                return
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def check_resources(cfg: Experiment) -> None:
+    """An embedded Ray cannot grow: asking for more than it has would wait forever."""
+    s = cfg.scaling
+    total = ray.cluster_resources()
+    need_cpu = s.num_workers * s.cpus_per_worker
+    if need_cpu > total.get("CPU", 0) + 1e-9:
+        raise ConfigError(f"scaling: {s.num_workers} workers x {s.cpus_per_worker} CPUs = {need_cpu:g} CPUs, but the "
+                          f"Ray cluster has {total.get('CPU', 0):g}; lower scaling.num_workers or scaling.cpus_per_worker")
+    if s.use_gpu and s.num_workers > total.get("GPU", 0):
+        raise ConfigError(f"scaling.use_gpu: {s.num_workers} workers need {s.num_workers} GPUs, but the Ray cluster has "
+                          f"{total.get('GPU', 0):g}; set scaling.use_gpu: false or lower scaling.num_workers")
+
+
+def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=()) -> TorchTrainer:
+    s = cfg.scaling
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "spec": spec_to_dict(spec)},
+        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                     resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=storage_root(cfg), callbacks=list(callbacks),
+            failure_config=FailureConfig(max_failures=0),
+            logging_config=LoggingConfig(log_level="WARNING"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep,
+                                               checkpoint_score_attribute=cfg.metric,
+                                               checkpoint_score_order=cfg.mode)),
+        datasets=datasets,
+        # Ordered execution makes the split of rows across workers the same on every run.
+        dataset_config=DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
+    )
+
+
+def best_of(history: list[dict], *, metric: str, mode: str) -> Optional[dict]:
+    scored = [h for h in history if metric in h]
+    if not scored:
+        return None
+    pick = max if mode == "max" else min
+    return pick(scored, key=lambda h: h[metric])
+
+
+def summarize(cfg: Experiment, result, history: list[dict], *, status: str, error: Optional[str],
+              wall_s: float) -> dict:
+    best = best_of(history, metric=cfg.metric, mode=cfg.mode)
+    checkpoint = None
+    if result is not None and result.best_checkpoints:
+        pick = max if cfg.mode == "max" else min
+        checkpoint = pick(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.metric, float("nan")))[0].path
+    elif result is not None and result.checkpoint is not None:
+        checkpoint = result.checkpoint.path
+    return {
+        "status": status, "error": error, "metric": cfg.metric, "mode": cfg.mode,
+        "best_value": best[cfg.metric] if best else None, "best_epoch": best["epoch"] if best else None,
+        "final_metrics": history[-1] if history else None, "epochs_completed": len(history),
+        "checkpoint": checkpoint, "run_dir": run_dir(cfg), "wall_s": round(wall_s, 2),
+        "history": history, "config": cfg.model_dump(mode="json"),
+    }
+
+
+def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[dict], None]] = None,
+        datasets_and_spec: Optional[tuple[dict, DataSpec]] = None) -> dict:
+    """Train the experiment; returns (and writes) the run summary. Raises KitError subclasses."""
+    import json
+
+    from ray.util.queue import Queue
+
+    started = time.perf_counter()
+    directory = run_dir(cfg)
+    exists = _exists(directory)
+    if exists and not resume:
+        raise ConfigError(f"run.name: run {cfg.run.name!r} already exists at {directory}; pass --resume to continue "
+                          f"it, or --set run.name=<new name> to start another")
+    if resume and not exists:
+        raise ConfigError(f"--resume: no run {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
+    check_resources(cfg)
+    datasets, spec = datasets_and_spec or build_datasets(cfg)
+    write_run_file(directory, CONFIG_FILE, to_yaml(cfg))
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow, args=(queue, on_epoch or (lambda m: None), stop), daemon=True)
+    follower.start()
+    trainer = build_trainer(cfg, datasets, spec, callbacks=[_ForwardReports(queue)])
+    result, error = None, None
+    try:
+        result = trainer.fit()
+    except Exception as e:  # TrainingFailedError and friends: report the worker's own error
+        error = _worker_error(e)
+    finally:
+        stop.set()
+        follower.join(timeout=10)
+        ray.kill(queue.actor)
+
+    history: list[dict] = []
+    latest = result.checkpoint if result is not None else _latest_checkpoint(directory)
+    if latest is not None:
+        history = read_history(latest)
+    summary = summarize(cfg, result, history, status="failed" if error else "finished", error=error,
+                        wall_s=time.perf_counter() - started)
+    write_run_file(directory, SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
+    if error:
+        raise RunError(f"run {cfg.run.name!r} failed: {error}; summary at {directory}/{SUMMARY_FILE}")
+    return summary
+
+
+def _latest_checkpoint(directory: str):
+    """The newest checkpoint directory of a failed run (Ray returns no result then)."""
+    fs, path = _fs(directory)
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory
+             and i.base_name.startswith("checkpoint_epoch_")]
+    if not infos:
+        return None
+    newest = max(infos, key=lambda i: i.base_name)
+    return ray.train.Checkpoint(path=newest.path, filesystem=fs)
+
+
+def _worker_error(error: Exception) -> str:
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank, failure in sorted(failures.items()):
+        cause = getattr(failure, "cause", None) or failure
+        return f"worker {rank}: {type(cause).__name__}: {_first_line(cause)}"
+    return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else repr(e)

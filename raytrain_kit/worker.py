@@ -1,0 +1,254 @@
+"""The training loop: pure train/eval steps, and `train_loop_per_worker`, which wires them to Ray.
+
+The maths (`train_epoch`, `evaluate`, `loss_for`) take plain batches and run without Ray, so
+tests can compare a DDP run with a single process step by step. `train_loop_per_worker` is the
+only user of Ray Train's worker APIs: it reads its dataset shard, wraps the model in DDP,
+restores the latest checkpoint, reports metrics every epoch and a checkpoint every
+`checkpoint.every_epochs`. Exercised by `raytrain-kit train jobs/digits.yaml`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from raytrain_kit import checkpoint as ckpt
+from raytrain_kit.config import Experiment, build_experiment
+from raytrain_kit.data import DataSpec
+from raytrain_kit.models import build_model
+from raytrain_kit.optim import (apply_decoupled_weight_decay, build_optimizer, build_scheduler,
+                                current_lr, load_scheduler_state, penalty,
+                                scheduler_state)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure maths
+
+
+def loss_for(outputs: torch.Tensor, targets: torch.Tensor, *, classification: bool) -> torch.Tensor:
+    """Mean cross-entropy over class logits, or mean squared error of a single output."""
+    if classification:
+        return F.cross_entropy(outputs, targets)
+    return F.mse_loss(outputs.squeeze(-1), targets.to(outputs.dtype))
+
+
+@dataclass
+class EpochSums:
+    """Sums that all-reduce across workers: loss * samples, correct predictions, samples."""
+
+    loss: float = 0.0
+    correct: float = 0.0
+    samples: float = 0.0
+
+    def add(self, loss: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor, classification: bool):
+        n = targets.shape[0]
+        self.loss += float(loss.detach()) * n
+        if classification:
+            self.correct += float((outputs.detach().argmax(dim=1) == targets).sum())
+        self.samples += n
+
+    def all_reduce(self) -> "EpochSums":
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        t = torch.tensor([self.loss, self.correct, self.samples], dtype=torch.float64)
+        dist.all_reduce(t)
+        return EpochSums(*t.tolist())
+
+
+def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
+                optimizer: torch.optim.Optimizer, scheduler=None, penalty_model: Optional[nn.Module] = None,
+                ) -> tuple[EpochSums, int]:
+    """One pass: loss (+ L1/L2 penalty) -> backward -> clip -> decoupled decay -> step.
+
+    `penalty_model` is the unwrapped model whose weights are penalized (DDP's `.module`).
+    Returns the epoch's sums and the number of optimizer steps taken.
+    """
+    classification = cfg.data.task == "classification"
+    reg = cfg.regularization
+    penalized = penalty_model if penalty_model is not None else model
+    sums, num_steps = EpochSums(), 0
+    model.train()
+    for x, y in batches:
+        outputs = model(x)
+        loss = loss_for(outputs, y, classification=classification)
+        total = loss + penalty(penalized, l1=reg.l1, l2=reg.l2) if (reg.l1 or reg.l2) else loss
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if reg.grad_clip_norm:
+            nn.utils.clip_grad_norm_(model.parameters(), reg.grad_clip_norm)
+        apply_decoupled_weight_decay(optimizer, weight_decay=reg.weight_decay, name=cfg.optim.name)
+        optimizer.step()
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            scheduler.step()
+        sums.add(loss, outputs, y, classification)
+        num_steps += 1
+    return sums, num_steps
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Batch], *, classification: bool) -> EpochSums:
+    sums = EpochSums()
+    model.eval()
+    for x, y in batches:
+        outputs = model(x)
+        sums.add(loss_for(outputs, y, classification=classification), outputs, y, classification)
+    return sums
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Shuffling depends only on (seed, epoch): a resumed run shuffles as an uninterrupted one."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def in_memory_batches(x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                      generator: Optional[torch.Generator] = None) -> Iterator[Batch]:
+    order = torch.randperm(len(y), generator=generator) if generator is not None else None
+    for start in range(0, len(y), batch_size):
+        idx = order[start:start + batch_size] if order is not None else slice(start, start + batch_size)
+        yield x[idx], y[idx]
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray wiring
+
+
+def _load_shard(shard, *, dtypes: dict, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read this worker's whole shard once; small shards are then iterated from memory, which
+    avoids Ray Data's per-epoch start-up cost (about 2 s an epoch on 2 cores)."""
+    xs, ys = [], []
+    for batch in shard.iter_torch_batches(batch_size=8192, dtypes=dtypes, device="cpu"):
+        xs.append(batch["x"]), ys.append(batch["y"])
+    return torch.cat(xs).view(-1, *shape), torch.cat(ys)
+
+
+def _streamed(shard, *, dtypes: dict, shape: tuple[int, ...], batch_size: int,
+              shuffle_seed: Optional[int]) -> Iterator[Batch]:
+    for batch in shard.iter_torch_batches(
+            batch_size=batch_size, dtypes=dtypes, device="cpu",
+            local_shuffle_buffer_size=None if shuffle_seed is None else 4 * batch_size,
+            local_shuffle_seed=shuffle_seed):
+        yield batch["x"].view(-1, *shape), batch["y"]
+
+
+def _restore(model: nn.Module, optimizer, scheduler, *, rank: int) -> tuple[int, int, list]:
+    """Load the latest reported checkpoint, if any; returns (next epoch, global step, history)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, 0, []
+    with checkpoint.as_directory() as directory:
+        saved = ckpt.read_checkpoint(Path(directory), rank=rank)
+    model.load_state_dict(saved["model"])
+    state = saved["train_state"]
+    optimizer.load_state_dict(state["optimizer"])
+    load_scheduler_state(scheduler, state["scheduler"])
+    if saved["rng"] is not None:
+        ckpt.set_rng_state(saved["rng"])
+    return state["epoch"] + 1, state["step"], saved["history"]
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs in every Train worker. `loop_config` holds the experiment and the data spec as dicts."""
+    import ray.train
+    import ray.train.torch
+
+    # Ray Train logs every report at INFO on each worker, under a logger named after its file
+    # path; the driver prints one line per epoch instead.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    cfg = build_experiment(loop_config["experiment"])
+    spec = spec_from_dict(loop_config["spec"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    classification = spec.task == "classification"
+    dtypes = {"x": torch.float32, "y": torch.int64 if classification else torch.float32}
+
+    # Each rank gets its own dropout stream; a restored checkpoint replaces it below.
+    torch.manual_seed(cfg.train.seed * 7919 + rank)
+    model = build_model(cfg, spec)  # identical on every rank: seeded by train.seed alone
+    rows_per_worker = spec.num_train_rows // world_size  # Ray splits into equal shards
+    steps_per_epoch = max(1, math.ceil(rows_per_worker / cfg.train.batch_size))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=cfg.train.epochs * steps_per_epoch)
+    start_epoch, step, history = _restore(model, optimizer, scheduler, rank=rank)
+    ddp_model = ray.train.torch.prepare_model(model) if world_size > 1 else model
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    if cfg.data.in_memory:
+        x_train, y_train = _load_shard(train_shard, dtypes=dtypes, shape=spec.input_shape)
+        x_val, y_val = _load_shard(val_shard, dtypes=dtypes, shape=spec.input_shape)
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        started = time.perf_counter()
+        if cfg.data.in_memory:
+            generator = epoch_generator(cfg.train.seed, epoch * world_size + rank) if cfg.data.shuffle else None
+            train_batches = in_memory_batches(x_train, y_train, batch_size=cfg.train.batch_size, generator=generator)
+        else:
+            seed = cfg.train.seed * 1_000_003 + epoch * world_size + rank if cfg.data.shuffle else None
+            train_batches = _streamed(train_shard, dtypes=dtypes, shape=spec.input_shape,
+                                      batch_size=cfg.train.batch_size, shuffle_seed=seed)
+        lr = current_lr(optimizer)
+        sums, num_steps = train_epoch(ddp_model, train_batches, cfg=cfg, optimizer=optimizer,
+                                      scheduler=scheduler, penalty_model=model)
+        step += num_steps
+        sums = sums.all_reduce()
+        seconds = time.perf_counter() - started
+        metrics = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": sums.loss / sums.samples,
+                   "samples_per_s": sums.samples / max(seconds, 1e-9), "epoch_s": seconds}
+        if classification:
+            metrics["train_accuracy"] = sums.correct / sums.samples
+
+        last = epoch + 1 == cfg.train.epochs
+        save = last or (epoch + 1) % cfg.checkpoint.every_epochs == 0
+        if save or last or (epoch + 1) % cfg.train.eval_every == 0:
+            val_batches = (in_memory_batches(x_val, y_val, batch_size=cfg.train.batch_size * 4)
+                           if cfg.data.in_memory else
+                           _streamed(val_shard, dtypes=dtypes, shape=spec.input_shape,
+                                     batch_size=cfg.train.batch_size * 4, shuffle_seed=None))
+            val = evaluate(ddp_model, val_batches, classification=classification).all_reduce()
+            metrics["val_loss"] = val.loss / val.samples
+            if classification:
+                metrics["val_accuracy"] = val.correct / val.samples
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and cfg.metric in metrics:
+            scheduler.step(metrics[cfg.metric])
+        history.append(metrics)
+
+        if not save:
+            ray.train.report(metrics)
+            continue
+        directory = Path(tempfile.mkdtemp(prefix="raytrain-kit-ckpt-"))
+        try:
+            train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler_state(scheduler),
+                           "epoch": epoch, "step": step}
+            ckpt.write_checkpoint(directory, rank=rank,
+                                  model_state=model.state_dict() if rank == 0 else None,
+                                  train_state=train_state if rank == 0 else None,
+                                  history=history if rank == 0 else None)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                             checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def spec_to_dict(spec: DataSpec) -> dict:
+    return {**asdict(spec), "input_shape": list(spec.input_shape), "feature_names": list(spec.feature_names)}
+
+
+def spec_from_dict(raw: dict) -> DataSpec:
+    return DataSpec(**{**raw, "input_shape": tuple(raw["input_shape"]), "feature_names": tuple(raw["feature_names"])})
