@@ -1,0 +1,76 @@
+"""Config: loading, overrides, error messages, and the README reference staying in sync."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from raytrain_kit.config import (Experiment, build_experiment, config_reference_markdown, load_experiment,
+                                 parse_overrides, with_overrides)
+from raytrain_kit.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_jobs_validate_and_runs_are_named_after_their_file():
+    for path in sorted((REPO / "jobs").glob("*.yaml")):
+        cfg = load_experiment(path)
+        assert cfg.run.name == path.stem
+
+
+def test_overrides_parse_yaml_values_and_revalidate():
+    cfg = load_experiment(REPO / "jobs/digits.yaml", ["optim.lr=3e-4", "model.hidden=[64, 32]",
+                                                      "optim.name=sgd", "optim.momentum=0.9", "run.name=x"])
+    assert cfg.optim.lr == 3e-4 and cfg.model.hidden == [64, 32] and cfg.optim.name == "sgd"
+    assert cfg.run.name == "x"
+    again = with_overrides(cfg, {"optim.lr": 0.1})
+    assert again.optim.lr == 0.1 and cfg.optim.lr == 3e-4  # frozen originals stay as they were
+    with pytest.raises(ConfigError, match=r"optim.lr: Input should be greater than 0"):
+        with_overrides(cfg, {"optim.lr": -1})
+
+
+def test_unknown_key_suggests_nearest():
+    with pytest.raises(ConfigError) as e:
+        build_experiment({"optim": {"learning_rate": 0.1}, "schedul": {}})
+    text = str(e.value)
+    assert "schedul: unknown key; did you mean 'schedule'?" in text
+    assert "optim.learning_rate: unknown key" in text
+    with pytest.raises(ConfigError, match=r"optim\.lrr: unknown key; did you mean 'optim\.lr'\?"):
+        with_overrides(build_experiment({}), {"optim.lrr": 1})
+
+
+def test_derived_metric_and_mode():
+    assert (build_experiment({}).metric, build_experiment({}).mode) == ("val_accuracy", "max")
+    reg = build_experiment({"data": {"source": "synthetic", "num_classes": 0, "task": "regression"}})
+    assert (reg.metric, reg.mode) == ("val_loss", "min")
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ({"optim": {"name": "adam", "nesterov": True}}, "nesterov needs name: sgd"),
+    ({"model": {"kind": "cnn"}, "data": {"source": "synthetic"}}, "data.input_shape: cnn needs an image shape"),
+    ({"schedule": {"kind": "plateau", "warmup_steps": 5}}, "schedule.warmup_steps: not supported"),
+    ({"data": {"source": "synthetic", "num_classes": 0}}, "data.num_classes: 0 makes a regression target"),
+    ({"model": {"kind": "custom", "target": "nocolon"}}, "model.target: 'nocolon' is not 'package.module:callable'"),
+])
+def test_cross_field_errors(raw, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        build_experiment(raw)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        parse_overrides(["optim.lr"])
+
+
+def test_readme_config_reference_matches_models():
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    assert start in readme and end in readme, "README lost its config reference markers"
+    section = readme.split(start, 1)[1].split(end, 1)[0]
+    assert section.strip() == config_reference_markdown().strip(), (
+        "README config reference is stale: regenerate it with `raytrain-kit reference`")
+    for name, field in Experiment.model_fields.items():
+        for key in field.annotation.model_fields:
+            assert f"`{name}.{key}`" in section
