@@ -24,10 +24,14 @@ from ray.train.v2.api.callback import UserCallback
 from raytrain_kit import checkpoint as ckpt
 from raytrain_kit.config import Experiment, to_yaml
 from raytrain_kit.data import DataSpec, build_datasets
-from raytrain_kit.errors import ConfigError, RunError
+from raytrain_kit.errors import ConfigError, KitError, RunError
+from raytrain_kit.models import build_model
 from raytrain_kit.worker import spec_to_dict, train_loop_per_worker
 
 SUMMARY_FILE = "summary.json"
+# Set when this process started the Ray it uses: such a cluster cannot grow, so a request that
+# does not fit will never be scheduled. A real cluster may autoscale to fit it.
+_started_embedded_ray = False
 CONFIG_FILE = "config.yaml"
 
 
@@ -52,6 +56,8 @@ def connect(address: Optional[str] = None) -> None:
         # dashboard serves the State API, without which Ray Train's PlacementGroupCleaner cannot
         # see its controller (and stopped Tune trials leak their CPUs); port 0 = any free port.
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=0, **quiet)
+        global _started_embedded_ray
+        _started_embedded_ray = True
     # Datasets carry the driver's DataContext to Ray Data's actors, so this reaches them too.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -130,6 +136,8 @@ def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event) -> N
 
 def check_resources(cfg: Experiment) -> None:
     """An embedded Ray cannot grow: asking for more than it has would wait forever."""
+    if not _started_embedded_ray:
+        return
     s = cfg.scaling
     total = ray.cluster_resources()
     need_cpu = s.num_workers * s.cpus_per_worker
@@ -204,6 +212,15 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
         raise ConfigError(f"--resume: no run {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
     check_resources(cfg)
     datasets, spec = datasets_and_spec or build_datasets(cfg)
+    # Build the model once here: a bad custom target or an input shape the architecture cannot
+    # take fails now, with a config error, instead of inside every worker.
+    try:
+        build_model(cfg, spec)
+    except KitError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"model: cannot build {cfg.model.kind!r} for input shape {list(spec.input_shape)} "
+                          f"({type(e).__name__}: {_first_line(e)})") from None
     write_run_file(directory, CONFIG_FILE, to_yaml(cfg))
 
     queue = Queue(actor_options={"num_cpus": 0})

@@ -1,0 +1,137 @@
+"""The command line: bad input gives one clear line and exit 2; validate; the main job end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from raytrain_kit.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = {"data": {"source": "digits"}, "model": {"kind": "mlp", "hidden": [8]}, "train": {"epochs": 1}}
+
+
+def _write_csv(directory: Path, name: str, frame: pd.DataFrame) -> str:
+    path = directory / name
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+def _table(n=40, **extra):
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"a": rng.normal(size=n), "b": rng.normal(size=n), "label": rng.integers(0, 2, n)})
+    for k, v in extra.items():
+        frame[k] = v
+    return frame
+
+
+def _bad_cases(tmp: Path):
+    """(name, config dict or raw YAML text, extra argv, text the error must contain)."""
+    nan = _table()
+    nan.loc[3, "b"] = np.nan
+    inf = _table()
+    inf.loc[5, "a"] = np.inf
+    csv = lambda name, frame, **data: {"data": {"source": "csv", "path": _write_csv(tmp, name, frame), **data},
+                                        "model": {"kind": "mlp", "hidden": [4]}}
+    return [
+        ("unknown key", {"optim": {"lrr": 0.1}}, [], "optim.lrr: unknown key; did you mean 'optim.lr'?"),
+        ("unknown section", {"schedul": {"kind": "cosine"}}, [], "schedul: unknown key; did you mean 'schedule'?"),
+        ("wrong type", {"train": {"epochs": "ten"}}, [], "train.epochs: Input should be a valid integer"),
+        ("negative lr", {"optim": {"lr": -0.1}}, [], "optim.lr: Input should be greater than 0"),
+        ("unknown model kind", {"model": {"kind": "transformer"}}, [], "model.kind: Input should be 'mlp', 'cnn', 'rnn' or 'custom'"),
+        ("unknown init", {"init": {"scheme": "he"}}, [], "init.scheme: Input should be"),
+        ("val fraction", {"data": {"val_fraction": 1.5}}, [], "data.val_fraction: Input should be less than 1"),
+        ("yaml syntax", "optim: {lr: [1, 2\n", [], "not valid YAML"),
+        ("not a mapping", "- a\n- b\n", [], "top level must be a mapping"),
+        ("bad --set", GOOD, ["--set", "optim.lr"], "--set 'optim.lr': expected dotted.key=value"),
+        ("--set unknown key", GOOD, ["--set", "train.epoch=3"], "train.epoch: unknown key; did you mean 'train.epochs'?"),
+        ("csv without path", {"data": {"source": "csv"}}, [], "data.path: required for source 'csv'"),
+        ("custom without target", {"model": {"kind": "custom"}}, [], "model.target: required for kind 'custom'"),
+        ("custom import fails", {"model": {"kind": "custom", "target": "nope_pkg.models:build"}}, [],
+         "model.target: cannot import 'nope_pkg.models:build'"),
+        ("too many workers", {**GOOD, "scaling": {"num_workers": 8}}, [], "scaling: 8 workers x 1.0 CPUs = 8 CPUs"),
+        ("missing data file", {"data": {"source": "csv", "path": str(tmp / "absent.csv")}}, [],
+         f"data.path: {tmp / 'absent.csv'}: no such file or folder"),
+        ("missing label column", csv("nolabel.csv", _table().drop(columns="label")), [],
+         "data.label: column 'label' not found in"),
+        ("missing feature column", csv("feat.csv", _table(), features=["a", "zzz"]), [],
+         "data.features: column(s) 'zzz' not found in"),
+        ("label out of range", csv("range.csv", _table(label=[0, 1, 5, 1] * 10), num_classes=2), [],
+         "label column 'label' in"),
+        ("negative label", csv("neg.csv", _table(label=[0, -1] * 20)), [], "has value -1 outside [0, 1)"),
+        ("non-integer label", csv("frac.csv", _table(label=[0.5, 1.0] * 20)), [], "non-integer value(s)"),
+        ("NaN feature", csv("nan.csv", nan), [], "column 'b' in"),
+        ("inf feature", csv("inf.csv", inf), [], "column 'a' in"),
+        ("non-numeric column", csv("text.csv", _table(city=["paris", "rome"] * 20)), [],
+         "column 'city' in"),
+        ("input shape mismatch", {**csv("shape.csv", _table()), "data": {**csv("shape2.csv", _table())["data"],
+                                                                          "input_shape": [1, 3, 3]},
+                                  "model": {"kind": "cnn", "channels": [2]}}, [],
+         "data.input_shape: [1, 3, 3] holds 9 values, but"),
+    ]
+
+
+def test_bad_input_table_exits_2_naming_the_field(ray_session, tmp_path, capsys):
+    storage = tmp_path / "runs"
+    cases = _bad_cases(tmp_path)
+    assert len(cases) >= 15
+    for name, content, extra, expected in cases:
+        config = tmp_path / f"{name.replace(' ', '_')}.yaml"
+        config.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+        code = main(["train", str(config), "--set", f"run.storage_path={storage}", *extra])
+        out = capsys.readouterr()
+        assert code == 2, (name, out.err)
+        assert expected in out.err, (name, out.err)
+        assert "Traceback" not in out.err + out.out, name
+        assert all(line.startswith("error: ") for line in out.err.strip().splitlines()), (name, out.err)
+        # Bad input leaves nothing behind: no half-made run directory.
+        assert not (storage / config.stem).exists(), name
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml: config file not found" in capsys.readouterr().err
+
+
+def _run_cli(*args, cwd=REPO, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "raytrain_kit", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_process_exit_code_and_no_traceback(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("optim:\n  lr: -1\nmodel:\n  kind: transformer\n")
+    done = _run_cli("train", str(config))
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: model.kind: Input should be 'mlp', 'cnn', 'rnn' or 'custom' (got 'transformer')",
+        "error: optim.lr: Input should be greater than 0 (got -1)"]
+
+
+def test_validate_prints_resolved_yaml():
+    done = _run_cli("validate", "jobs/digits.yaml", "--set", "optim.lr=0.5", "--set", "model.hidden=[7]")
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)
+    assert resolved["optim"]["lr"] == 0.5 and resolved["model"]["hidden"] == [7]
+    assert resolved["run"]["name"] == "digits" and resolved["scaling"]["num_workers"] == 2
+    assert resolved["schedule"]["decay_rate"] == 0.96  # defaults are filled in
+
+
+def test_main_job_reaches_95_percent(tmp_path):
+    """The README's main command, in its own process with its own embedded Ray."""
+    done = _run_cli("train", "jobs/digits.yaml", "--set", f"run.storage_path={tmp_path}", timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    epochs = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
+    assert len(epochs) == 15 and "samples/s" in epochs[0] and "val_accuracy" in epochs[0]
+    summary = json.loads((tmp_path / "digits" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["epochs_completed"] == 15
+    assert summary["final_metrics"]["val_accuracy"] >= 0.95
+    assert summary["best_value"] == max(h["val_accuracy"] for h in summary["history"])
+    assert Path(summary["checkpoint"]).is_dir() and summary["config"]["model"]["kind"] == "cnn"
+    assert f"run directory: {tmp_path / 'digits'}" in done.stdout
