@@ -8,7 +8,6 @@ A `KitError` is printed as one line per problem (`error: ...`) with exit code 2 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -85,9 +84,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("interrupted; continue with --resume", file=sys.stderr)
         return 130
 
-
-def entry() -> None:
-    # Ray's atexit hooks can hang on a dead cluster after a failure; the result is already out.
-    code = main()
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(code) if code else sys.exit(0)

@@ -8,6 +8,7 @@ Exercised by `raytrain-kit validate jobs/digits.yaml --set optim.lr=3e-4`.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
@@ -300,8 +301,6 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 
 def _apply(raw: dict, overrides: Mapping[str, Any]) -> dict:
     """Set dotted keys in a nested dict (a copy), creating sections as needed."""
-    import copy
-
     raw = copy.deepcopy(raw)
     for dotted, value in overrides.items():
         parts = dotted.split(".")

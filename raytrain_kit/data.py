@@ -184,9 +184,12 @@ class _Stats:
 
 
 def collect_stats(ds: ray.data.Dataset) -> _Stats:
-    rows = ds.map_batches(_block_stats, batch_size=None, batch_format="numpy").take_all()
-    assert rows, "statistics of an empty dataset"
+    rows = [r for r in ds.map_batches(_block_stats, batch_size=None, batch_format="numpy").take_all()
+            if r["count"]]
     count = int(sum(r["count"] for r in rows))
+    if not count:
+        empty = np.zeros(0)
+        return _Stats(count=0, mean=empty, std=empty, bad_x=empty, bad_y=0, y_min=np.inf, y_max=-np.inf, y_nonint=0)
     total = sum(r["sum"] for r in rows)
     total_sq = sum(r["sumsq"] for r in rows)
     mean = total / max(count, 1)
@@ -248,9 +251,9 @@ def build_datasets(cfg: Experiment) -> tuple[dict[str, ray.data.Dataset], DataSp
     # A fixed block layout before the seeded shuffle keeps the split identical run to run.
     packed = packed.materialize() if d.in_memory else packed
     stats = collect_stats(packed)
-    num_classes = check_stats(cfg, stats, features=features, where=where)
     if stats.count < 2:
         raise DataError(f"data.path: {where} has {stats.count} row(s); need at least 2 to split")
+    num_classes = check_stats(cfg, stats, features=features, where=where)
     train, val = packed.train_test_split(test_size=d.val_fraction, shuffle=True, seed=cfg.train.seed)
     # Standardize with training statistics only, so validation stays unseen.
     scale = collect_stats(train) if d.standardize else None

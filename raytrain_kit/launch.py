@@ -178,9 +178,9 @@ def best_of(history: list[dict], *, metric: str, mode: str) -> Optional[dict]:
 
 
 def summarize(cfg: Experiment, result, history: list[dict], *, status: str, error: Optional[str],
-              wall_s: float) -> dict:
+              wall_s: float, latest=None) -> dict:
     best = best_of(history, metric=cfg.metric, mode=cfg.mode)
-    checkpoint = None
+    checkpoint = latest.path if latest is not None else None
     if result is not None and result.best_checkpoints:
         pick = max if cfg.mode == "max" else min
         checkpoint = pick(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.metric, float("nan")))[0].path
@@ -243,7 +243,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     if latest is not None:
         history = read_history(latest)
     summary = summarize(cfg, result, history, status="failed" if error else "finished", error=error,
-                        wall_s=time.perf_counter() - started)
+                        wall_s=time.perf_counter() - started, latest=latest)
     write_run_file(directory, SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
     if error:
         raise RunError(f"run {cfg.run.name!r} failed: {error}; summary at {directory}/{SUMMARY_FILE}")

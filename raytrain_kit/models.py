@@ -17,6 +17,7 @@ from torch import nn
 from raytrain_kit.config import Experiment, ModelConfig
 from raytrain_kit.data import DataSpec
 from raytrain_kit.errors import ConfigError
+from raytrain_kit.initializers import apply_init
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU, "leaky_relu": nn.LeakyReLU,
@@ -103,8 +104,6 @@ MODELS: dict[str, Callable[[ModelConfig, DataSpec], nn.Module]] = {
 
 def build_model(cfg: Experiment, spec: DataSpec) -> nn.Module:
     """The experiment's network, initialized by `init.scheme` under `train.seed`."""
-    from raytrain_kit.initializers import apply_init
-
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)
         model = MODELS[cfg.model.kind](cfg.model, spec)

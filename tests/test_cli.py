@@ -72,6 +72,7 @@ def _bad_cases(tmp: Path):
         ("inf feature", csv("inf.csv", inf), [], "column 'a' in"),
         ("non-numeric column", csv("text.csv", _table(city=["paris", "rome"] * 20)), [],
          "column 'city' in"),
+        ("empty table", csv("empty.csv", _table().iloc[:0]), [], "empty.csv: holds no rows"),
         ("input shape mismatch", {**csv("shape.csv", _table()), "data": {**csv("shape2.csv", _table())["data"],
                                                                           "input_shape": [1, 3, 3]},
                                   "model": {"kind": "cnn", "channels": [2]}}, [],

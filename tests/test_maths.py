@@ -124,6 +124,25 @@ def test_cosine_end_value():
     assert _lr(500, total=110, **kw) == pytest.approx(0.001)
 
 
+def test_constant_with_warmup():
+    kw = dict(kind="constant", warmup_steps=4)
+    assert [_lr(s, **kw) for s in (0, 3, 4, 10_000)] == pytest.approx([0.025, 0.1, 0.1, 0.1])
+
+
+def test_plateau_reduces_after_patience_in_the_metric_direction():
+    cfg = build_experiment({"optim": {"lr": 0.1}, "schedule": {"kind": "plateau", "patience": 1, "factor": 0.5,
+                                                                "min_lr": 0.02}})
+    opt = build_optimizer(nn.Linear(2, 1), cfg)
+    sched = build_scheduler(opt, cfg, total_steps=100)
+    assert cfg.mode == "max"  # val_accuracy: higher is better
+    lrs = []
+    for accuracy in (0.5, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7, 0.7, 0.7):
+        sched.step(accuracy)
+        lrs.append(opt.param_groups[0]["lr"])
+    # Reduced on the 2nd epoch without improvement; improvement resets the count; floor at min_lr.
+    assert lrs == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025, 0.025, 0.02, 0.02])
+
+
 def test_scheduler_drives_optimizer_and_round_trips():
     cfg = build_experiment({"optim": {"name": "sgd", "lr": 0.1},
                             "schedule": {"kind": "exponential", "decay_steps": 2, "decay_rate": 0.5}})

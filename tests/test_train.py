@@ -19,8 +19,10 @@ from raytrain_kit.optim import build_optimizer, build_scheduler
 from raytrain_kit.worker import train_epoch
 
 
-def test_ddp_two_workers_at_b_equal_one_process_at_2b(ray_session, storage):
-    """Gradient aggregation: 2 DDP workers x batch b == 1 process x batch 2b, same data order."""
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_ddp_two_workers_at_b_equal_one_process_at_2b(ray_session, storage, in_memory):
+    """Gradient aggregation: 2 DDP workers x batch b == 1 process x batch 2b, same data order;
+    for shards held in memory and for shards streamed from Ray Data every epoch."""
     import ray
 
     num_features, num_classes, rows_per_worker, b = 6, 3, 96, 8
@@ -34,7 +36,7 @@ def test_ddp_two_workers_at_b_equal_one_process_at_2b(ray_session, storage):
     spec = DataSpec(num_features=num_features, num_classes=num_classes, input_shape=(num_features,),
                     num_train_rows=len(y), num_val_rows=40)
     cfg = build_experiment({
-        "data": {"source": "synthetic", "shuffle": False},
+        "data": {"source": "synthetic", "shuffle": False, "in_memory": in_memory},
         "model": {"kind": "mlp", "hidden": [16]}, "init": {"scheme": "xavier_uniform"},
         "optim": {"name": "sgd", "lr": 0.2, "momentum": 0.9},
         "schedule": {"kind": "exponential", "decay_steps": 4, "decay_rate": 0.5},
