@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+CHECKPOINT_PREFIX = "checkpoint_epoch_"  # + zero-padded epoch: sorts by name
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
@@ -95,7 +96,3 @@ def read_checkpoint(directory: Path, *, rank: int) -> dict:
         "history": json.loads((directory / HISTORY_FILE).read_text()),
         "rng": load_torch(rng_path) if rng_path.exists() else None,
     }
-
-
-def read_history(directory: Path) -> list[dict]:
-    return json.loads((Path(directory) / HISTORY_FILE).read_text())

@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 from typing import Callable, Optional
 
 import pyarrow.fs as pafs
@@ -29,6 +28,7 @@ from raytrain_kit.models import build_model
 from raytrain_kit.worker import spec_to_dict, train_loop_per_worker
 
 SUMMARY_FILE = "summary.json"
+CHECKPOINT_PREFIX = ckpt.CHECKPOINT_PREFIX
 # Set when this process started the Ray it uses: such a cluster cannot grow, so a request that
 # does not fit will never be scheduled. A real cluster may autoscale to fit it.
 _started_embedded_ray = False
@@ -102,9 +102,12 @@ def write_run_file(uri: str, name: str, text: str) -> str:
     return f"{uri}/{name}"
 
 
-def read_history(checkpoint) -> list[dict]:
-    with checkpoint.as_directory() as directory:
-        return ckpt.read_history(Path(directory))
+def read_history(checkpoint_uri: str) -> list[dict]:
+    import json
+
+    fs, path = _fs(checkpoint_uri)
+    with fs.open_input_stream(f"{path}/{ckpt.HISTORY_FILE}") as f:
+        return json.loads(f.read().decode())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,9 +163,7 @@ def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=
             name=cfg.run.name, storage_path=storage_root(cfg), callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=0),
             logging_config=LoggingConfig(log_level="WARNING"),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep,
-                                               checkpoint_score_attribute=cfg.metric,
-                                               checkpoint_score_order=cfg.mode)),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
         datasets=datasets,
         # Ordered execution makes the split of rows across workers the same on every run.
         dataset_config=DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
@@ -177,15 +178,13 @@ def best_of(history: list[dict], *, metric: str, mode: str) -> Optional[dict]:
     return pick(scored, key=lambda h: h[metric])
 
 
-def summarize(cfg: Experiment, result, history: list[dict], *, status: str, error: Optional[str],
-              wall_s: float, latest=None) -> dict:
+def summarize(cfg: Experiment, history: list[dict], *, status: str, error: Optional[str], wall_s: float) -> dict:
     best = best_of(history, metric=cfg.metric, mode=cfg.mode)
-    checkpoint = latest.path if latest is not None else None
-    if result is not None and result.best_checkpoints:
-        pick = max if cfg.mode == "max" else min
-        checkpoint = pick(result.best_checkpoints, key=lambda cm: cm[1].get(cfg.metric, float("nan")))[0].path
-    elif result is not None and result.checkpoint is not None:
-        checkpoint = result.checkpoint.path
+    kept = checkpoint_dirs(run_dir(cfg))
+    # The best epoch's checkpoint if it is still kept, else the latest one.
+    checkpoint = kept.get(best["epoch"]) if best else None
+    if checkpoint is None and kept:
+        checkpoint = kept[max(kept)]
     return {
         "status": status, "error": error, "metric": cfg.metric, "mode": cfg.mode,
         "best_value": best[cfg.metric] if best else None, "best_epoch": best["epoch"] if best else None,
@@ -228,9 +227,9 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     follower = threading.Thread(target=_follow, args=(queue, on_epoch or (lambda m: None), stop), daemon=True)
     follower.start()
     trainer = build_trainer(cfg, datasets, spec, callbacks=[_ForwardReports(queue)])
-    result, error = None, None
+    error = None
     try:
-        result = trainer.fit()
+        trainer.fit()
     except Exception as e:  # TrainingFailedError and friends: report the worker's own error
         error = _worker_error(e)
     finally:
@@ -238,27 +237,24 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
         follower.join(timeout=10)
         ray.kill(queue.actor)
 
-    history: list[dict] = []
-    latest = result.checkpoint if result is not None else _latest_checkpoint(directory)
-    if latest is not None:
-        history = read_history(latest)
-    summary = summarize(cfg, result, history, status="failed" if error else "finished", error=error,
-                        wall_s=time.perf_counter() - started, latest=latest)
+    kept = checkpoint_dirs(directory)
+    # The latest checkpoint holds every epoch's metrics up to it, across resumes.
+    history = read_history(kept[max(kept)]) if kept else []
+    summary = summarize(cfg, history, status="failed" if error else "finished", error=error,
+                        wall_s=time.perf_counter() - started)
     write_run_file(directory, SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
     if error:
         raise RunError(f"run {cfg.run.name!r} failed: {error}; summary at {directory}/{SUMMARY_FILE}")
     return summary
 
 
-def _latest_checkpoint(directory: str):
-    """The newest checkpoint directory of a failed run (Ray returns no result then)."""
+def checkpoint_dirs(directory: str) -> dict[int, str]:
+    """Epoch -> path of every checkpoint directory the run still keeps."""
     fs, path = _fs(directory)
-    infos = [i for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.Directory
-             and i.base_name.startswith("checkpoint_epoch_")]
-    if not infos:
-        return None
-    newest = max(infos, key=lambda i: i.base_name)
-    return ray.train.Checkpoint(path=newest.path, filesystem=fs)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return {}
+    return {int(i.base_name.rsplit("_", 1)[1]): f"{directory}/{i.base_name}" for i in fs.get_file_info(pafs.FileSelector(path))
+            if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)}
 
 
 def _worker_error(error: Exception) -> str:

@@ -241,7 +241,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                                   train_state=train_state if rank == 0 else None,
                                   history=history if rank == 0 else None)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                             checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
+                             checkpoint_dir_name=f"{ckpt.CHECKPOINT_PREFIX}{epoch + 1:04d}")
         finally:
             shutil.rmtree(directory, ignore_errors=True)
 

@@ -92,6 +92,11 @@ def test_resume_after_failure_continues_exactly(ray_session, storage):
     assert [m["epoch"] for m in seen] == [3, 4]  # starts after the checkpointed epoch
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]  # every epoch exactly once
     assert resumed["status"] == "finished" and resumed["epochs_completed"] == 4
+    # checkpoint.keep: 2 keeps the latest two; the summary points at the best epoch's if kept.
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0003", "checkpoint_epoch_0004"]
+    best_epoch = max(resumed["history"], key=lambda h: h["val_accuracy"])["epoch"]
+    expected = best_epoch if best_epoch >= 3 else 4
+    assert resumed["checkpoint"] == str(run_dir / f"checkpoint_epoch_{expected:04d}")
     # Model, optimizer, schedule, shuffling and dropout RNG all restored: the resumed run is the
     # uninterrupted run, metric for metric (same config, seed and worker count).
     for mine, theirs in zip(resumed["history"], full["history"]):
