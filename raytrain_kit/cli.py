@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--resume", action="store_true", help="continue the run named by the config from its latest checkpoint")
+    p = sub.add_parser("check", help="run only the preflight gradient check and print its report")
+    _add_config_args(p)
+    p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     sub.add_parser("reference", help="print the config reference (Markdown) generated from the config models")
     return parser
 
@@ -52,13 +56,36 @@ def _train(args) -> int:
 
     cfg = load_experiment(args.config, args.overrides)
     connect(args.address)
-    summary = fit(cfg, resume=args.resume,
+    summary = fit(cfg, resume=args.resume, log=lambda line: print(line, flush=True),
                   on_epoch=lambda m: print(format_epoch(m, total_epochs=cfg.train.epochs), flush=True))
     best = summary["best_value"]
     print(f"done: {summary['epochs_completed']} epochs, best {summary['metric']} "
           f"{best:.4f} (epoch {summary['best_epoch']})" if best is not None else "done")
     print(f"run directory: {summary['run_dir']}")
     print(f"checkpoint:    {summary['checkpoint']}")
+    return 0
+
+
+def _check(args) -> int:
+    import json
+
+    from raytrain_kit.config import load_experiment
+    from raytrain_kit.data import build_datasets
+    from raytrain_kit.errors import PreflightError
+    from raytrain_kit.launch import connect
+    from raytrain_kit.preflight import run_preflight
+
+    cfg = load_experiment(args.config, args.overrides)
+    connect(args.address)
+    datasets, spec = build_datasets(cfg)
+    try:
+        report = run_preflight(cfg, datasets["train"], spec)
+    except PreflightError as e:
+        if not args.json:
+            raise
+        print(json.dumps(e.report, indent=1))
+        return e.exit_code
+    print(json.dumps(report.to_dict(), indent=1) if args.json else report.format_table())
     return 0
 
 
@@ -75,10 +102,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(config_reference_markdown(), end="")
             return 0
+        if args.command == "check":
+            return _check(args)
         return _train(args)
     except KitError as e:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)
+        if getattr(e, "details", ""):
+            print(e.details, file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)

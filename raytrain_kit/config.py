@@ -198,6 +198,19 @@ class RunConfig(_Section):
     """Where runs are written: a local directory (relative to the current directory) or a URI (s3://, gs://)."""
 
 
+class PreflightConfig(_Section):
+    enabled: bool = True
+    """Check the model's gradients numerically (float64, one small batch) before any training worker starts."""
+    batch_size: int = Field(default=8, ge=1)
+    """Rows of the training data the check runs on."""
+    num_directions: int = Field(default=4, ge=1)
+    """Random directions in parameter space compared with finite differences."""
+    rtol: float = Field(default=1e-5, gt=0.0)
+    """Relative tolerance between the autograd and the finite-difference directional derivatives."""
+    fail_on: Literal["error", "warning"] = "error"
+    """Stop the launch on errors only, or on warnings too (all-zero or unused gradients)."""
+
+
 class Experiment(_Section):
     """A complete experiment; every section has defaults, so a YAML file names only what differs."""
 
@@ -221,6 +234,8 @@ class Experiment(_Section):
     """Checkpoint cadence and retention."""
     run: RunConfig = Field(default_factory=RunConfig)
     """Run name and storage."""
+    preflight: PreflightConfig = Field(default_factory=PreflightConfig)
+    """Numerical gradient check before training."""
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "Experiment":

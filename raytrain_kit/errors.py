@@ -29,6 +29,11 @@ class PreflightError(KitError):
 
     exit_code = 3
 
+    def __init__(self, *problems: str, details: str = "", report: dict | None = None):
+        super().__init__(*problems)
+        self.details = details  # the report table, printed as is below the error lines
+        self.report = report  # the report itself, for `check --json`
+
 
 class RunError(KitError):
     """The run itself failed (a worker raised, the cluster lost it); exit code 1."""

@@ -25,6 +25,7 @@ from raytrain_kit.config import Experiment, to_yaml
 from raytrain_kit.data import DataSpec, build_datasets
 from raytrain_kit.errors import ConfigError, KitError, RunError
 from raytrain_kit.models import build_model
+from raytrain_kit.preflight import run_preflight
 from raytrain_kit.worker import spec_to_dict, train_loop_per_worker
 
 SUMMARY_FILE = "summary.json"
@@ -195,7 +196,8 @@ def summarize(cfg: Experiment, history: list[dict], *, status: str, error: Optio
 
 
 def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[dict], None]] = None,
-        datasets_and_spec: Optional[tuple[dict, DataSpec]] = None) -> dict:
+        datasets_and_spec: Optional[tuple[dict, DataSpec]] = None,
+        log: Callable[[str], None] = lambda line: None) -> dict:
     """Train the experiment; returns (and writes) the run summary. Raises KitError subclasses."""
     import json
 
@@ -220,6 +222,10 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     except Exception as e:
         raise ConfigError(f"model: cannot build {cfg.model.kind!r} for input shape {list(spec.input_shape)} "
                           f"({type(e).__name__}: {_first_line(e)})") from None
+    if cfg.preflight.enabled:
+        report = run_preflight(cfg, datasets["train"], spec)  # raises PreflightError: no worker starts
+        log(f"preflight: gradient check {report.status} ({report.num_parameters:,} parameters, "
+            f"{report.seconds:.2f} s)" + "".join(f"\n  warning: {w}" for w in report.warnings))
     write_run_file(directory, CONFIG_FILE, to_yaml(cfg))
 
     queue = Queue(actor_options={"num_cpus": 0})

@@ -45,6 +45,18 @@ def loss_for(outputs: torch.Tensor, targets: torch.Tensor, *, classification: bo
     return F.mse_loss(outputs.squeeze(-1), targets.to(outputs.dtype))
 
 
+def build_loss_fn(*, classification: bool):
+    """`loss_fn(outputs, targets)` for tools that take one (the preflight gradient check)."""
+
+    def cross_entropy(outputs, targets):
+        return loss_for(outputs, targets, classification=True)
+
+    def mse_loss(outputs, targets):
+        return loss_for(outputs, targets, classification=False)
+
+    return cross_entropy if classification else mse_loss
+
+
 @dataclass
 class EpochSums:
     """Sums that all-reduce across workers: loss * samples, correct predictions, samples."""
