@@ -1,0 +1,65 @@
+"""Preflight on the shared Ray: a buggy custom model stops `train` with exit 3 before any
+training worker starts; `check` prints the report as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from raytrain_kit.cli import main
+
+
+def _train_workers() -> int:
+    from ray.util.state import list_actors
+
+    return len(list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
+
+
+def _config(tmp_path, **model) -> str:
+    path = tmp_path / "buggy.yaml"
+    path.write_text(yaml.safe_dump({
+        "data": {"source": "digits"}, "train": {"epochs": 1}, "scaling": {"num_workers": 2},
+        "model": {"kind": "custom", "target": "gradcheck_models:buggy_custom_model", **model},
+        "run": {"storage_path": str(tmp_path / "runs")}}))
+    return str(path)
+
+
+def test_train_with_buggy_model_exits_3_before_any_worker(ray_session, tmp_path, capsys):
+    workers_before = _train_workers()
+    code = main(["train", _config(tmp_path, kwargs={"bug": "sign"})])
+    out = capsys.readouterr()
+    assert code == 3, out.err
+    assert out.err.startswith("error: preflight: gradients disagree with finite differences")
+    assert "gradient check: FAIL" in out.err
+    faulty = [line for line in out.err.splitlines() if line.strip().startswith("1.2.weight")]
+    assert faulty and "CustomLinear" in faulty[-1] and "sign error" in faulty[-1]
+    assert "Traceback" not in out.err
+    assert _train_workers() == workers_before  # no training worker was started
+    assert not (tmp_path / "runs" / "buggy").exists()
+
+
+def test_check_prints_table_and_json(ray_session, tmp_path, capsys):
+    assert main(["check", _config(tmp_path, kwargs={"bug": "zero_bias"})]) == 3
+    err = capsys.readouterr().err
+    assert "1.2.bias" in err and "gradient dropped" in err
+
+    assert main(["check", "jobs/digits.yaml", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "pass" and report["num_parameters"] > 50_000
+    assert [p["status"] for p in report["probes"]] == ["pass"] * 4
+
+    assert main(["check", "jobs/digits.yaml", "--set", "preflight.num_directions=2"]) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("gradient check: PASS") and table.count("  pass") == 2
+
+
+def test_train_logs_a_passing_preflight(ray_session, tmp_path, capsys):
+    workers_before = _train_workers()
+    code = main(["train", "jobs/digits.yaml", "--set", "train.epochs=1", "--set", "model.channels=[4]",
+                 "--set", f"run.storage_path={tmp_path}"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "preflight: gradient check pass (" in out
+    assert out.index("preflight:") < out.index("epoch   1/1")
+    assert _train_workers() == workers_before + 2  # the worker count above does see real workers
