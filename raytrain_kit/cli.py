@@ -47,6 +47,8 @@ def format_epoch(m: dict, *, total_epochs: int) -> str:
     parts += [f"lr {m['lr']:.2e}", f"{m['samples_per_s']:,.0f} samples/s"]
     if m.get("checkpoint"):
         parts.append("[checkpoint]")
+    if m.get("nonfinite_steps"):
+        parts.append(f"[{m['nonfinite_steps']} non-finite step(s) skipped]")
     return "  ".join(parts)
 
 

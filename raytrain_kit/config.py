@@ -173,6 +173,12 @@ class TrainConfig(_Section):
     """Metric that ranks checkpoints and drives plateau; default val_accuracy for classification, val_loss for regression."""
     mode: Optional[Literal["min", "max"]] = None
     """Whether the metric is minimized or maximized; default follows the metric (max for accuracy)."""
+    on_nonfinite: Literal["stop", "skip", "rollback"] = "stop"
+    """A step with NaN/inf loss or gradients is never applied. stop: end the run (the latest good checkpoint is the result); skip: drop the step and go on; rollback: restore the latest checkpoint and lower the lr."""
+    max_skipped_steps: int = Field(default=10, ge=0)
+    """skip / rollback: non-finite steps (or rollbacks) tolerated before the run stops."""
+    rollback_lr_factor: float = Field(default=0.5, gt=0.0, lt=1.0)
+    """rollback: factor the lr (and the schedule's base) is multiplied by at each rollback."""
 
 
 class ScalingConfig(_Section):
@@ -182,6 +188,8 @@ class ScalingConfig(_Section):
     """One GPU per worker (NCCL); otherwise CPU with gloo."""
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
     """CPUs each worker reserves; fractions allowed."""
+    max_failures: int = Field(default=2, ge=-1)
+    """Worker-group restarts after a worker or node dies (-1: no limit); each restart resumes from the latest checkpoint."""
 
 
 class CheckpointConfig(_Section):

@@ -162,7 +162,7 @@ def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=
                                      resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=storage_root(cfg), callbacks=list(callbacks),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
         datasets=datasets,
@@ -230,7 +230,14 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
 
     queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()
-    follower = threading.Thread(target=_follow, args=(queue, on_epoch or (lambda m: None), stop), daemon=True)
+    reports: list[dict] = []
+
+    def forward(metrics: dict) -> None:
+        reports.append(metrics)
+        if on_epoch:
+            on_epoch(metrics)
+
+    follower = threading.Thread(target=_follow, args=(queue, forward, stop), daemon=True)
     follower.start()
     trainer = build_trainer(cfg, datasets, spec, callbacks=[_ForwardReports(queue)])
     error = None
@@ -243,6 +250,13 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
         follower.join(timeout=10)
         ray.kill(queue.actor)
 
+    if not error and reports and reports[-1].get("nonfinite_stop"):
+        last = reports[-1]
+        error = (f"the loss or its gradients became NaN/inf in epoch {last['epoch']} "
+                 f"({last['nonfinite_steps']} non-finite step(s), train.on_nonfinite: {cfg.train.on_nonfinite}); "
+                 "the latest good checkpoint is kept as the result; lower optim.lr, clip gradients "
+                 "(regularization.grad_clip_norm) or set train.on_nonfinite: skip or rollback")
+    remove_orphan_checkpoints(directory)
     kept = checkpoint_dirs(directory)
     # The latest checkpoint holds every epoch's metrics up to it, across resumes.
     history = read_history(kept[max(kept)]) if kept else []
@@ -254,13 +268,47 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     return summary
 
 
-def checkpoint_dirs(directory: str) -> dict[int, str]:
-    """Epoch -> path of every checkpoint directory the run still keeps."""
+def _checkpoint_names_on_disk(directory: str) -> list[str]:
     fs, path = _fs(directory)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return {}
-    return {int(i.base_name.rsplit("_", 1)[1]): f"{directory}/{i.base_name}" for i in fs.get_file_info(pafs.FileSelector(path))
-            if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)}
+        return []
+    return [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))
+            if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)]
+
+
+def _registered_checkpoint_names(directory: str) -> Optional[set[str]]:
+    """Checkpoints Ray Train registered (its snapshot file); None before it wrote one."""
+    import json
+
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    fs, path = _fs(directory)
+    snapshot = f"{path}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
+    if fs.get_file_info(snapshot).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(snapshot) as f:
+        raw = json.loads(f.read().decode())
+    return {r["checkpoint_dir_name"] for r in raw.get("checkpoint_results", [])}
+
+
+def checkpoint_dirs(directory: str) -> dict[int, str]:
+    """Epoch -> path of every checkpoint the run keeps (registered with Ray Train, when known)."""
+    names = _checkpoint_names_on_disk(directory)
+    registered = _registered_checkpoint_names(directory)
+    return {int(n.rsplit("_", 1)[1]): f"{directory}/{n}" for n in names if registered is None or n in registered}
+
+
+def remove_orphan_checkpoints(directory: str) -> list[str]:
+    """A checkpoint uploaded while a worker died is never registered (its epoch is trained again);
+    its directory would pass for a real checkpoint to anyone browsing the run: remove it."""
+    registered = _registered_checkpoint_names(directory)
+    if registered is None:
+        return []
+    fs, path = _fs(directory)
+    orphans = [n for n in _checkpoint_names_on_disk(directory) if n not in registered]
+    for name in orphans:
+        fs.delete_dir(f"{path}/{name}")
+    return orphans
 
 
 def _worker_error(error: Exception) -> str:

@@ -80,18 +80,28 @@ class EpochSums:
         return EpochSums(*t.tolist())
 
 
+@dataclass
+class EpochResult:
+    sums: EpochSums
+    num_steps: int  # optimizer steps taken
+    num_nonfinite: int = 0  # steps whose loss or gradients were NaN/inf (skipped, never applied)
+    stopped: bool = False  # a non-finite step ended the epoch (on_nonfinite: stop or rollback)
+
+
 def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
                 optimizer: torch.optim.Optimizer, scheduler=None, penalty_model: Optional[nn.Module] = None,
-                ) -> tuple[EpochSums, int]:
+                nonfinite_budget: int = 0) -> EpochResult:
     """One pass: loss (+ L1/L2 penalty) -> backward -> clip -> decoupled decay -> step.
 
-    `penalty_model` is the unwrapped model whose weights are penalized (DDP's `.module`).
-    Returns the epoch's sums and the number of optimizer steps taken.
+    `penalty_model` is the unwrapped model whose weights are penalized (DDP's `.module`). A step
+    whose gradients are not finite is never applied; under `train.on_nonfinite: skip` the epoch
+    goes on while fewer than `nonfinite_budget` such steps were seen, otherwise it stops there.
+    DDP has already averaged the gradients, so every rank takes the same decision.
     """
     classification = cfg.data.task == "classification"
     reg = cfg.regularization
     penalized = penalty_model if penalty_model is not None else model
-    sums, num_steps = EpochSums(), 0
+    result = EpochResult(EpochSums(), 0)
     model.train()
     for x, y in batches:
         outputs = model(x)
@@ -99,15 +109,21 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
         total = loss + penalty(penalized, l1=reg.l1, l2=reg.l2) if (reg.l1 or reg.l2) else loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        if reg.grad_clip_norm:
-            nn.utils.clip_grad_norm_(model.parameters(), reg.grad_clip_norm)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), reg.grad_clip_norm or math.inf)
+        if not torch.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            result.num_nonfinite += 1
+            if cfg.train.on_nonfinite != "skip" or result.num_nonfinite > nonfinite_budget:
+                result.stopped = True
+                break
+            continue
         apply_decoupled_weight_decay(optimizer, weight_decay=reg.weight_decay, name=cfg.optim.name)
         optimizer.step()
         if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             scheduler.step()
-        sums.add(loss, outputs, y, classification)
-        num_steps += 1
-    return sums, num_steps
+        result.sums.add(loss, outputs, y, classification)
+        result.num_steps += 1
+    return result
 
 
 @torch.no_grad()
@@ -206,7 +222,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         x_train, y_train = _load_shard(train_shard, dtypes=dtypes, shape=spec.input_shape)
         x_val, y_val = _load_shard(val_shard, dtypes=dtypes, shape=spec.input_shape)
 
-    for epoch in range(start_epoch, cfg.train.epochs):
+    # The state of the latest checkpoint, kept in memory for train.on_nonfinite: rollback.
+    last_good = _snapshot(model, optimizer, scheduler)
+    num_nonfinite = 0
+    epoch = start_epoch
+    while epoch < cfg.train.epochs:
         started = time.perf_counter()
         if cfg.data.in_memory:
             generator = epoch_generator(cfg.train.seed, epoch * world_size + rank) if cfg.data.shuffle else None
@@ -216,19 +236,35 @@ def train_loop_per_worker(loop_config: dict) -> None:
             train_batches = _streamed(train_shard, dtypes=dtypes, shape=spec.input_shape,
                                       batch_size=cfg.train.batch_size, shuffle_seed=seed)
         lr = current_lr(optimizer)
-        sums, num_steps = train_epoch(ddp_model, train_batches, cfg=cfg, optimizer=optimizer,
-                                      scheduler=scheduler, penalty_model=model)
-        step += num_steps
-        sums = sums.all_reduce()
+        result = train_epoch(ddp_model, train_batches, cfg=cfg, optimizer=optimizer, scheduler=scheduler,
+                             penalty_model=model, nonfinite_budget=cfg.train.max_skipped_steps - num_nonfinite)
+        num_nonfinite += result.num_nonfinite
+        step += result.num_steps
+        sums = result.sums.all_reduce()
         seconds = time.perf_counter() - started
-        metrics = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": sums.loss / sums.samples,
-                   "samples_per_s": sums.samples / max(seconds, 1e-9), "epoch_s": seconds}
+        metrics = {"epoch": epoch + 1, "step": step, "lr": lr,
+                   "train_loss": sums.loss / sums.samples if sums.samples else float("nan"),
+                   "samples_per_s": sums.samples / max(seconds, 1e-9), "epoch_s": seconds,
+                   "nonfinite_steps": num_nonfinite}
         if classification:
-            metrics["train_accuracy"] = sums.correct / sums.samples
+            metrics["train_accuracy"] = sums.correct / sums.samples if sums.samples else float("nan")
+
+        if result.stopped and cfg.train.on_nonfinite == "rollback" and num_nonfinite <= cfg.train.max_skipped_steps:
+            # Back to the latest checkpoint's weights and optimizer, at a lower lr; redo this epoch.
+            _restore_snapshot(last_good, model, optimizer, scheduler)
+            _scale_lr(optimizer, scheduler, cfg.train.rollback_lr_factor)
+            step = last_good["step"]
+            epoch = last_good["epoch"] + 1
+            continue
+        finite = not result.stopped and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        if not finite:
+            # Never checkpoint non-finite weights: the latest good checkpoint stays the result.
+            ray.train.report({**metrics, "nonfinite_stop": True})
+            return
 
         last = epoch + 1 == cfg.train.epochs
         save = last or (epoch + 1) % cfg.checkpoint.every_epochs == 0
-        if save or last or (epoch + 1) % cfg.train.eval_every == 0:
+        if save or (epoch + 1) % cfg.train.eval_every == 0:
             val_batches = (in_memory_batches(x_val, y_val, batch_size=cfg.train.batch_size * 4)
                            if cfg.data.in_memory else
                            _streamed(val_shard, dtypes=dtypes, shape=spec.input_shape,
@@ -240,22 +276,47 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and cfg.metric in metrics:
             scheduler.step(metrics[cfg.metric])
         history.append(metrics)
+        epoch += 1
 
         if not save:
             ray.train.report(metrics)
             continue
+        last_good = _snapshot(model, optimizer, scheduler, epoch=epoch - 1, step=step)
         directory = Path(tempfile.mkdtemp(prefix="raytrain-kit-ckpt-"))
         try:
             train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler_state(scheduler),
-                           "epoch": epoch, "step": step}
+                           "epoch": epoch - 1, "step": step}
             ckpt.write_checkpoint(directory, rank=rank,
                                   model_state=model.state_dict() if rank == 0 else None,
                                   train_state=train_state if rank == 0 else None,
                                   history=history if rank == 0 else None)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                             checkpoint_dir_name=f"{ckpt.CHECKPOINT_PREFIX}{epoch + 1:04d}")
+                             checkpoint_dir_name=f"{ckpt.CHECKPOINT_PREFIX}{epoch:04d}")
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def _snapshot(model: nn.Module, optimizer, scheduler, *, epoch: int = -1, step: int = 0) -> dict:
+    import copy
+
+    return {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
+            "scheduler": copy.deepcopy(scheduler_state(scheduler)), "epoch": epoch, "step": step}
+
+
+def _restore_snapshot(snapshot: dict, model: nn.Module, optimizer, scheduler) -> None:
+    model.load_state_dict(snapshot["model"])
+    optimizer.load_state_dict(snapshot["optimizer"])
+    load_scheduler_state(scheduler, snapshot["scheduler"])
+
+
+def _scale_lr(optimizer, scheduler, factor: float) -> None:
+    """Lower the lr for good: the current one, and the base the schedule multiplies."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.base_lrs = [b * factor for b in scheduler.base_lrs]
 
 
 def spec_to_dict(spec: DataSpec) -> dict:

@@ -70,7 +70,7 @@ def _resume_config(storage: str, name: str, **kwargs):
         "model": {"kind": "custom", "target": "test_models_lib:build_failing_mlp",
                   "kwargs": {"dropout": 0.3, **kwargs}},
         "optim": {"name": "adam", "lr": 0.01}, "schedule": {"kind": "cosine", "min_lr": 0.001},
-        "train": {"epochs": 4, "batch_size": 32}, "scaling": {"num_workers": 2},
+        "train": {"epochs": 4, "batch_size": 32}, "scaling": {"num_workers": 2, "max_failures": 0},
         "checkpoint": {"every_epochs": 1, "keep": 2},
         "run": {"name": name, "storage_path": storage}})
 

@@ -1,0 +1,103 @@
+"""Surviving failures: a worker SIGKILLed mid-epoch, and the driver SIGKILLed after a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from raytrain_kit.config import build_experiment
+from raytrain_kit.launch import fit
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Epochs of about a second on 2 cores: long enough to be hit in the middle.
+SLOW = {"data": {"source": "synthetic", "num_rows": 40_000, "num_features": 32, "num_classes": 4},
+        "model": {"kind": "mlp", "hidden": [256, 256]}, "optim": {"name": "adam", "lr": 0.001},
+        "train": {"epochs": 4, "batch_size": 32}, "scaling": {"num_workers": 2, "max_failures": 2},
+        "checkpoint": {"every_epochs": 1, "keep": 10}, "preflight": {"enabled": False}}
+
+
+def _alive_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+
+
+def _registered(run_dir: Path) -> set[str]:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return set()
+    return {r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]}
+
+
+def test_worker_killed_mid_epoch_run_finishes_from_checkpoint(ray_session, storage):
+    cfg = build_experiment({**SLOW, "run": {"name": "worker-kill", "storage_path": storage}})
+    run_dir = Path(storage) / "worker-kill"
+    killed: list[int] = []
+
+    def kill_one_worker_in_epoch_2():
+        deadline = time.time() + 240
+        while time.time() < deadline and "checkpoint_epoch_0001" not in _registered(run_dir):
+            time.sleep(0.1)
+        time.sleep(0.3)  # into the second epoch
+        pids = _alive_worker_pids()
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    killer = threading.Thread(target=kill_one_worker_in_epoch_2, daemon=True)
+    killer.start()
+    seen: list[dict] = []
+    summary = fit(cfg, on_epoch=seen.append)
+    killer.join(timeout=10)
+
+    assert killed, "no worker was killed"
+    assert summary["status"] == "finished" and summary["epochs_completed"] == 4
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4]  # each epoch once
+    reported = [m["epoch"] for m in seen]
+    assert sorted(set(reported)) == [1, 2, 3, 4] and len(reported) - len(set(reported)) <= 1  # at most one redone
+    assert killed[0] not in _alive_worker_pids()  # a new worker group did the rest
+    on_disk = {p.name for p in run_dir.glob("checkpoint_epoch_*")}
+    assert on_disk == _registered(run_dir) == {f"checkpoint_epoch_{e:04d}" for e in (1, 2, 3, 4)}
+    assert summary["final_metrics"]["val_accuracy"] > 0.5
+
+
+def test_driver_killed_after_second_checkpoint_resumes(tmp_path):
+    config = tmp_path / "driver.yaml"
+    config.write_text(yaml.safe_dump({**SLOW, "train": {**SLOW["train"], "epochs": 6},
+                                      "run": {"storage_path": str(tmp_path / "runs")}}))
+    run_dir = tmp_path / "runs" / "driver"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "raytrain_kit", "train", str(config)]
+    # Its own process group: the kill below takes the driver and the embedded Ray it started.
+    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and "checkpoint_epoch_0002" not in _registered(run_dir):
+            assert driver.poll() is None, driver.stdout.read()
+            time.sleep(0.1)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    checkpointed = max(int(n.rsplit("_", 1)[1]) for n in _registered(run_dir))
+    assert 2 <= checkpointed < 6, "the driver died too late to test a resume"
+
+    resumed = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=400, start_new_session=True)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    epochs = [int(line.split()[1].split("/")[0]) for line in resumed.stdout.splitlines() if line.startswith("epoch ")]
+    assert epochs == list(range(checkpointed + 1, 7))  # starts right after the checkpoint
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6]
+    assert summary["status"] == "finished"
