@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = sub.add_parser("submit", help="validate locally, then run `train` on a cluster as a Ray job and follow it")
+    _add_config_args(p)
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+    p.add_argument("--working-dir", default=".", help="folder sent with the job (default: .)")
+    p.add_argument("--requirements", default=None, help="pip requirements file installed for the job")
+    p.add_argument("--no-follow", action="store_true", help="print the job id and return")
     sub.add_parser("reference", help="print the config reference (Markdown) generated from the config models")
     return parser
 
@@ -106,6 +112,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if args.command == "check":
             return _check(args)
+        if args.command == "submit":
+            from raytrain_kit.submit import submit_job
+
+            submit_job(args.config, address=args.address, overrides=args.overrides, working_dir=args.working_dir,
+                       requirements=args.requirements, follow=not args.no_follow)
+            return 0
         return _train(args)
     except KitError as e:
         for problem in e.problems:

@@ -135,3 +135,6 @@ def test_main_job_reaches_95_percent(tmp_path):
     assert summary["best_value"] == max(h["val_accuracy"] for h in summary["history"])
     assert Path(summary["checkpoint"]).is_dir() and summary["config"]["model"]["kind"] == "cnn"
     assert f"run directory: {tmp_path / 'digits'}" in done.stdout
+    # The preflight gradient check ran, passed, and came before the first epoch.
+    assert "preflight: gradient check pass (" in done.stdout
+    assert done.stdout.index("preflight:") < done.stdout.index("epoch   1/15")

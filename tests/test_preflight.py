@@ -52,14 +52,3 @@ def test_check_prints_table_and_json(ray_session, tmp_path, capsys):
     assert main(["check", "jobs/digits.yaml", "--set", "preflight.num_directions=2"]) == 0
     table = capsys.readouterr().out
     assert table.startswith("gradient check: PASS") and table.count("  pass") == 2
-
-
-def test_train_logs_a_passing_preflight(ray_session, tmp_path, capsys):
-    workers_before = _train_workers()
-    code = main(["train", "jobs/digits.yaml", "--set", "train.epochs=1", "--set", "model.channels=[4]",
-                 "--set", f"run.storage_path={tmp_path}"])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "preflight: gradient check pass (" in out
-    assert out.index("preflight:") < out.index("epoch   1/1")
-    assert _train_workers() == workers_before + 2  # the worker count above does see real workers
