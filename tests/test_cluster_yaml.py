@@ -38,3 +38,17 @@ def test_cluster_installs_this_project_with_the_same_ray():
             assert re.split(r"[\[<>=!~ @]", requirement)[0].lower() in declared, (requirement, command)
     ray_pin = next(d for d in project["dependencies"] if d.startswith("ray["))
     assert "==" in ray_pin  # the version every node and laptop must share
+
+
+def test_readme_commands_name_files_that_exist():
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    commands = [ln.strip() for block in blocks for ln in block.splitlines() if ln.strip()]
+    named = {tok for ln in commands for tok in shlex.split(ln.split("#", 1)[0], posix=True)
+             if re.fullmatch(r"[\w./-]+\.(ya?ml|txt|toml)", tok)}
+    assert {"cluster.yaml", "jobs/digits.yaml", ".ci/constraints.txt"} <= named
+    for path in named:
+        assert (REPO / path).is_file(), path
+    ci = (REPO / ".ci/run").read_text()
+    test_command = next(ln for ln in commands if "pytest" in ln).split("&&")[-1].strip()
+    assert test_command in ci  # CI runs exactly the README's test command
