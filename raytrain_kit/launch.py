@@ -138,6 +138,42 @@ def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event) -> N
 # The run
 
 
+@ray.remote(num_cpus=0, max_retries=0)
+def _sees_path_task(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def check_shared_storage(cfg: Experiment) -> None:
+    """On a cluster of several nodes a local `run.storage_path` must be one that every node sees
+    (an NFS mount): workers on each node write checkpoints there, and a restarted worker on
+    another node reads them. A marker file written here is looked for from every alive node."""
+    import uuid
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    root = storage_root(cfg)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if "://" in root or len(nodes) < 2:
+        return
+    created = not os.path.exists(root)
+    os.makedirs(root, exist_ok=True)
+    marker = os.path.join(root, f".raytrain-kit-shared-{uuid.uuid4().hex}")
+    with open(marker, "w") as f:
+        f.write("written by raytrain-kit to check that every node sees this folder\n")
+    try:
+        seen = ray.get([_sees_path_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            node_id=n["NodeID"], soft=False)).remote(marker) for n in nodes], timeout=120)
+    finally:
+        os.unlink(marker)
+        if created:
+            os.rmdir(root)
+    blind = [f"{n['NodeManagerAddress']} (node {n['NodeID'][:8]})" for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise ConfigError(f"run.storage_path: {root} is local to this machine, and {len(blind)} of {len(nodes)} nodes "
+                          f"cannot see it: {', '.join(blind)}; every node writes checkpoints there, so use shared "
+                          "storage: an s3:// or gs:// URI, or an NFS mount at the same path on every node")
+
+
 def check_resources(cfg: Experiment) -> None:
     """An embedded Ray cannot grow: asking for more than it has would wait forever."""
     if not _started_embedded_ray:
@@ -212,6 +248,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     if resume and not exists:
         raise ConfigError(f"--resume: no run {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
     check_resources(cfg)
+    check_shared_storage(cfg)
     datasets, spec = datasets_and_spec or build_datasets(cfg)
     # Build the model once here: a bad custom target or an input shape the architecture cannot
     # take fails now, with a config error, instead of inside every worker.

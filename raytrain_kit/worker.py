@@ -222,8 +222,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         x_train, y_train = _load_shard(train_shard, dtypes=dtypes, shape=spec.input_shape)
         x_val, y_val = _load_shard(val_shard, dtypes=dtypes, shape=spec.input_shape)
 
-    # The state of the latest checkpoint, kept in memory for train.on_nonfinite: rollback.
-    last_good = _snapshot(model, optimizer, scheduler)
+    # The state of the latest checkpoint, kept in memory (only) for train.on_nonfinite: rollback.
+    rollback = cfg.train.on_nonfinite == "rollback"
+    last_good = _snapshot(model, optimizer, scheduler, epoch=start_epoch - 1, step=step) if rollback else None
     num_nonfinite = 0
     epoch = start_epoch
     while epoch < cfg.train.epochs:
@@ -249,12 +250,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if classification:
             metrics["train_accuracy"] = sums.correct / sums.samples if sums.samples else float("nan")
 
-        if result.stopped and cfg.train.on_nonfinite == "rollback" and num_nonfinite <= cfg.train.max_skipped_steps:
+        if result.stopped and rollback and num_nonfinite <= cfg.train.max_skipped_steps:
             # Back to the latest checkpoint's weights and optimizer, at a lower lr; redo this epoch.
             _restore_snapshot(last_good, model, optimizer, scheduler)
             _scale_lr(optimizer, scheduler, cfg.train.rollback_lr_factor)
             step = last_good["step"]
             epoch = last_good["epoch"] + 1
+            del history[epoch:]  # epochs after that checkpoint are trained again
             continue
         finite = not result.stopped and all(bool(torch.isfinite(p).all()) for p in model.parameters())
         if not finite:
@@ -281,7 +283,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if not save:
             ray.train.report(metrics)
             continue
-        last_good = _snapshot(model, optimizer, scheduler, epoch=epoch - 1, step=step)
+        if rollback:
+            last_good = _snapshot(model, optimizer, scheduler, epoch=epoch - 1, step=step)
         directory = Path(tempfile.mkdtemp(prefix="raytrain-kit-ckpt-"))
         try:
             train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler_state(scheduler),

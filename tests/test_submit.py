@@ -5,50 +5,24 @@ process group, and is ended by that group's id."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from ray_heads import end_group, start_head, token_env
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["--set", "train.epochs=2", "--set", "model.channels=[8]", "--set", "preflight.enabled=false"]
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
-
-    gcs, dash, node_manager, object_manager, client, agent_grpc, agent_http, runtime_env, metrics = _free_ports(9)
-    temp_dir = tempfile.mkdtemp(dir="/tmp", prefix="rtk-")  # Ray's socket paths must stay short
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": generate_new_authentication_token(),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    command = ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-               f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-               f"--ray-client-server-port={client}", f"--dashboard-agent-grpc-port={agent_grpc}",
-               f"--dashboard-agent-listen-port={agent_http}", f"--runtime-env-agent-port={runtime_env}",
-               f"--metrics-export-port={metrics}", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    head = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    env = token_env()
+    head, _, dash = start_head(env, num_cpus=2)
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 120
@@ -62,21 +36,7 @@ def ray_head():
             time.sleep(1)
         yield address, env
     finally:
-        _end_group(head)
-
-
-def _end_group(process: subprocess.Popen) -> None:
-    """End the head's whole process group (raylet, GCS, dashboard, workers) by its id."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=30)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        end_group(head)
 
 
 def _readme_submit_command() -> list[str]:
