@@ -66,13 +66,13 @@ def start_node(env: dict, *, gcs: int, num_cpus: int, masked: str = "") -> subpr
 
 def end_group(process: subprocess.Popen) -> None:
     """End a Ray process's whole group (raylet, GCS, dashboard, workers) by its id."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             return
         try:
-            process.wait(timeout=30)
+            process.wait(timeout=grace)
             return
         except subprocess.TimeoutExpired:
             continue
