@@ -1,5 +1,5 @@
 """Real Ray processes for tests: a head (or an extra node) with its own ports and temp dir, in
-its own process group, ended by that group's id. Never `ray stop`: other Rays may be running."""
+its own process group, ended by that group's id and nothing broader: other Rays may be running."""
 
 from __future__ import annotations
 
