@@ -17,7 +17,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union, get_args, g
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raytrain_kit.errors import ConfigError
+from raytrain_kit.errors import ConfigError, short_message
 
 
 class _Section(BaseModel):
@@ -318,7 +318,7 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
         try:
             out[key] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({_first_line(e)})") from None
+            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({short_message(e)})") from None
     return out
 
 
@@ -363,7 +363,7 @@ def load_experiment(path: str | os.PathLike, overrides: Sequence[str] | Mapping[
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({_first_line(e)})") from None
+        raise ConfigError(f"{path}: not valid YAML ({short_message(e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     if not isinstance(overrides, Mapping):
@@ -382,10 +382,6 @@ def to_yaml(cfg: Experiment) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Error messages
-
-
-def _first_line(e: Exception) -> str:
-    return " ".join(str(e).split())[:200]
 
 
 def _model_at(loc: Sequence[Any]) -> Optional[type[BaseModel]]:

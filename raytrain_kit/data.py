@@ -20,7 +20,7 @@ import pyarrow as pa
 import ray
 
 from raytrain_kit.config import Experiment
-from raytrain_kit.errors import DataError
+from raytrain_kit.errors import DataError, short_message
 
 
 @dataclass(frozen=True)
@@ -96,18 +96,14 @@ def read_table(cfg: Experiment) -> tuple[ray.data.Dataset, str]:
     try:
         return reader(path), path
     except Exception as e:  # pyarrow and fsspec raise many types for unreadable input
-        raise DataError(f"data.path: {path}: cannot read as {d.source} ({type(e).__name__}: {_short(e)})") from None
-
-
-def _short(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
+        raise DataError(f"data.path: {path}: cannot read as {d.source} ({type(e).__name__}: {short_message(e)})") from None
 
 
 def _schema(ds: ray.data.Dataset, where: str):
     try:
         schema = ds.schema()
     except Exception as e:  # a malformed file surfaces on the first read
-        raise DataError(f"data.path: {where}: cannot read ({type(e).__name__}: {_short(e)})") from None
+        raise DataError(f"data.path: {where}: cannot read ({type(e).__name__}: {short_message(e)})") from None
     if schema is None:
         raise DataError(f"data.path: {where}: holds no rows")
     return schema
@@ -147,7 +143,7 @@ def select_columns(cfg: Experiment, schema, where: str) -> list[str]:
 # Packing and statistics (pure functions over pandas / numpy batches, run by Ray Data)
 
 
-def _pack(frame: pd.DataFrame, *, features: list[str], label: str, classification: bool) -> dict:
+def _pack(frame: pd.DataFrame, *, features: list[str], label: str) -> dict:
     x = frame[features].to_numpy(dtype=np.float64, na_value=np.nan)
     y = frame[label].to_numpy(dtype=np.float64, na_value=np.nan)
     return {"x": x, "y": y}
@@ -246,8 +242,7 @@ def build_datasets(cfg: Experiment) -> tuple[dict[str, ray.data.Dataset], DataSp
     raw, where = read_table(cfg)
     features = select_columns(cfg, _schema(raw, where), where)
     classification = d.task == "classification"
-    packed = raw.map_batches(_pack, batch_format="pandas", fn_kwargs=dict(
-        features=features, label=d.label, classification=classification))
+    packed = raw.map_batches(_pack, batch_format="pandas", fn_kwargs=dict(features=features, label=d.label))
     # A fixed block layout before the seeded shuffle keeps the split identical run to run.
     packed = packed.materialize() if d.in_memory else packed
     stats = collect_stats(packed)

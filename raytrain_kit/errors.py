@@ -6,6 +6,16 @@ Programmer invariants use `assert`. Exercised by `raytrain-kit validate CONFIG`.
 """
 
 
+def short_message(error: BaseException, *, last_line: bool = False) -> str:
+    """One line of an exception's text for a one-line error: its first non-empty line (or its
+    last, where the useful part of a remote traceback ends), whitespace folded, at most 300
+    characters."""
+    lines = [" ".join(ln.split()) for ln in str(error).splitlines() if ln.strip()]
+    if not lines:
+        return repr(error)
+    return (lines[-1] if last_line else lines[0])[:300]
+
+
 class KitError(ValueError):
     """A problem the user can fix; `problems` holds one message per line."""
 

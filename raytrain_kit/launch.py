@@ -23,13 +23,12 @@ from ray.train.v2.api.callback import UserCallback
 from raytrain_kit import checkpoint as ckpt
 from raytrain_kit.config import Experiment, to_yaml
 from raytrain_kit.data import DataSpec, build_datasets
-from raytrain_kit.errors import ConfigError, KitError, RunError
+from raytrain_kit.errors import ConfigError, KitError, RunError, short_message
 from raytrain_kit.models import build_model
 from raytrain_kit.preflight import run_preflight
 from raytrain_kit.worker import spec_to_dict, train_loop_per_worker
 
 SUMMARY_FILE = "summary.json"
-CHECKPOINT_PREFIX = ckpt.CHECKPOINT_PREFIX
 # Set when this process started the Ray it uses: such a cluster cannot grow, so a request that
 # does not fit will never be scheduled. A real cluster may autoscale to fit it.
 _started_embedded_ray = False
@@ -258,7 +257,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
         raise
     except Exception as e:
         raise ConfigError(f"model: cannot build {cfg.model.kind!r} for input shape {list(spec.input_shape)} "
-                          f"({type(e).__name__}: {_first_line(e)})") from None
+                          f"({type(e).__name__}: {short_message(e, last_line=True)})") from None
     if cfg.preflight.enabled:
         report = run_preflight(cfg, datasets["train"], spec)  # raises PreflightError: no worker starts
         log(f"preflight: gradient check {report.status} ({report.num_parameters:,} parameters, "
@@ -310,7 +309,7 @@ def _checkpoint_names_on_disk(directory: str) -> list[str]:
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
     return [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))
-            if i.type == pafs.FileType.Directory and i.base_name.startswith(CHECKPOINT_PREFIX)]
+            if i.type == pafs.FileType.Directory and i.base_name.startswith(ckpt.CHECKPOINT_PREFIX)]
 
 
 def _registered_checkpoint_names(directory: str) -> Optional[set[str]]:
@@ -352,10 +351,6 @@ def _worker_error(error: Exception) -> str:
     failures = getattr(error, "worker_failures", None) or {}
     for rank, failure in sorted(failures.items()):
         cause = getattr(failure, "cause", None) or failure
-        return f"worker {rank}: {type(cause).__name__}: {_first_line(cause)}"
-    return f"{type(error).__name__}: {_first_line(error)}"
+        return f"worker {rank}: {type(cause).__name__}: {short_message(cause, last_line=True)}"
+    return f"{type(error).__name__}: {short_message(error, last_line=True)}"
 
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return lines[-1].strip() if lines else repr(e)

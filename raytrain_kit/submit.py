@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from raytrain_kit.config import load_experiment
-from raytrain_kit.errors import ConfigError, RunError
+from raytrain_kit.errors import ConfigError, RunError, short_message
 
 
 def submit_job(config: str, *, address: str, overrides: Sequence[str] = (), working_dir: str = ".",
@@ -42,7 +42,7 @@ def submit_job(config: str, *, address: str, overrides: Sequence[str] = (), work
         client = JobSubmissionClient(address)
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ConfigError(f"--address: cannot submit to {address} ({type(e).__name__}: {_first_line(e)}); "
+        raise ConfigError(f"--address: cannot submit to {address} ({type(e).__name__}: {short_message(e)}); "
                           "is the dashboard reachable (ray dashboard cluster.yaml) and the auth token set?") from None
     print(f"submitted job {job_id}: {entrypoint}", flush=True)
     if not follow:
@@ -62,8 +62,3 @@ def submit_job(config: str, *, address: str, overrides: Sequence[str] = (), work
     if status != JobStatus.SUCCEEDED:
         raise RunError(f"job {job_id} ended {status.value}; logs: ray job logs --address {address} {job_id}")
     return status.value
-
-
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    return lines[0].strip()[:300] if lines else repr(e)
