@@ -1,4 +1,4 @@
-"""Command line: `raytrain-kit validate | train | reference`; maps errors to exit codes.
+"""Command line: `raytrain-kit validate | check | train | tune | submit | reference`; maps errors to exit codes.
 
 A `KitError` is printed as one line per problem (`error: ...`) with exit code 2 (bad input),
 3 (failed preflight) or 1 (failed run), and no traceback. Exercised by every test in
@@ -30,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--resume", action="store_true", help="continue the run named by the config from its latest checkpoint")
+    p = sub.add_parser("tune", help="sweep the config's tune.space with Ray Tune; writes trials.csv, best.yaml, sweep.png")
+    _add_config_args(p)
+    p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep named by the config; finished trials are kept")
     p = sub.add_parser("check", help="run only the preflight gradient check and print its report")
     _add_config_args(p)
     p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
@@ -74,6 +78,30 @@ def _train(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from raytrain_kit.config import load_experiment
+    from raytrain_kit.errors import ConfigError
+    from raytrain_kit.launch import connect
+    from raytrain_kit.report import plot_sweep
+    from raytrain_kit.sweep import run_sweep
+
+    cfg = load_experiment(args.config, args.overrides)
+    if cfg.tune is None:
+        raise ConfigError(f"{args.config}: no tune section; add tune.space (see the README's sweep section), "
+                          "or use `raytrain-kit train` for a single run")
+    connect(args.address)
+    summary = run_sweep(cfg, resume=args.resume, log=lambda line: print(line, flush=True))
+    table = summary["table"]
+    shown = [c for c in ("trial_id", *cfg.tune.space, "best_value", "best_epoch", "epochs_run", "status") if c in table]
+    print(f"top trials by {summary['metric']} ({summary['mode']}):")
+    print(table[shown].head(5).to_string(index=False))
+    plot = plot_sweep(summary["run_dir"])
+    print(f"sweep directory: {summary['run_dir']}")
+    print(f"best config:     {summary['best_yaml']}  (raytrain-kit train {summary['best_yaml']})")
+    print(f"plot:            {plot}")
+    return 0
+
+
 def _check(args) -> int:
     import json
 
@@ -112,6 +140,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 0
         if args.command == "check":
             return _check(args)
+        if args.command == "tune":
+            return _tune(args)
         if args.command == "submit":
             from raytrain_kit.submit import submit_job
 

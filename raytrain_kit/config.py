@@ -219,6 +219,101 @@ class PreflightConfig(_Section):
     """Stop the launch on errors only, or on warnings too (all-zero or unused gradients)."""
 
 
+# Sections a sweep may not search: every trial shares one prepared data set and one resource
+# shape (so trials can be packed onto the cluster), and run/preflight/tune describe the sweep itself.
+UNSEARCHABLE = {
+    "data": "every trial shares the data prepared once by the sweep driver",
+    "scaling": "every trial needs the same resources so the sweep can pack them onto the cluster",
+    "run": "the sweep names and places each trial's run itself",
+    "preflight": "the gradient check runs once, before the sweep",
+    "tune": "a sweep cannot search its own settings",
+}
+
+
+class SearchDomain(BaseModel):
+    """One searched value: exactly one of the keys, e.g. `{loguniform: [1.0e-4, 1.0e-1]}`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    loguniform: Optional[tuple[float, float]] = None
+    """[lower, upper], both > 0: sampled uniformly in log space (plots use a log axis)."""
+    uniform: Optional[tuple[float, float]] = None
+    """[lower, upper]: sampled uniformly."""
+    quniform: Optional[tuple[float, float, float]] = None
+    """[lower, upper, q]: sampled uniformly, rounded to a multiple of q."""
+    randint: Optional[tuple[int, int]] = None
+    """[lower, upper): an integer."""
+    choice: Optional[list[Any]] = None
+    """One of the listed values, picked at random (or by the search algorithm)."""
+    grid: Optional[list[Any]] = None
+    """Every listed value, each in its own trial(s) (search: random or grid)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchDomain":
+        given = [k for k in SearchDomain.model_fields if getattr(self, k) is not None]
+        if len(given) != 1:
+            kinds = ", ".join(SearchDomain.model_fields)
+            raise ValueError(f"give exactly one of {kinds}; got {', '.join(given) or 'none'}")
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("choice", "grid") and not value:
+            raise ValueError(f"{kind}: the list is empty; give at least one value")
+        if kind in ("loguniform", "uniform", "quniform", "randint"):
+            lower, upper = value[0], value[1]
+            if lower >= upper:
+                raise ValueError(f"{kind}: lower {lower} must be below upper {upper}")
+            if kind == "loguniform" and lower <= 0:
+                raise ValueError(f"loguniform: lower {lower} must be > 0 (log scale)")
+            if kind == "quniform" and value[2] <= 0:
+                raise ValueError(f"quniform: q {value[2]} must be > 0")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in SearchDomain.model_fields if getattr(self, k) is not None)
+
+    @property
+    def args(self) -> Any:
+        return getattr(self, self.kind)
+
+    def candidates(self) -> list[Any]:
+        """Values that must all make a valid experiment: the bounds, or every listed value."""
+        if self.kind in ("choice", "grid"):
+            return list(self.args)
+        if self.kind == "randint":
+            return [self.args[0], self.args[1] - 1]
+        return [self.args[0], self.args[1]]
+
+
+class TuneConfig(_Section):
+    space: dict[str, SearchDomain] = Field(default_factory=dict)
+    """Searched values keyed by dotted config path, e.g. `optim.lr: {loguniform: [1.0e-4, 1.0e-1]}`; kinds: loguniform, uniform, quniform, randint, choice, grid."""
+    search: Literal["random", "grid", "optuna"] = "random"
+    """random sampling (grid entries are crossed with the samples), grid (every combination of grid/choice values), or optuna (TPE through Ray's OptunaSearch)."""
+    num_samples: int = Field(default=8, ge=1)
+    """Trials sampled (random, optuna); for grid, how many times the whole grid is repeated."""
+    max_concurrent_trials: Optional[int] = Field(default=None, ge=1)
+    """Trials running at once; default: as many as the cluster's CPUs/GPUs fit, from scaling (and cv_folds)."""
+    scheduler: Literal["fifo", "asha", "pbt"] = "fifo"
+    """fifo: every trial runs all epochs; asha: successive halving stops weak trials early; pbt: population based training perturbs lr and regularization."""
+    metric: Optional[Literal["val_loss", "val_accuracy", "train_loss", "train_accuracy"]] = None
+    """Metric the search and scheduler optimize (the mean over folds with cv_folds); default train.metric's default."""
+    mode: Optional[Literal["min", "max"]] = None
+    """Whether the metric is minimized or maximized; default follows the metric."""
+    grace_period: int = Field(default=1, ge=1)
+    """asha: epochs every trial runs before it can be stopped."""
+    reduction_factor: float = Field(default=3.0, gt=1.0)
+    """asha: 1/reduction_factor of the trials go on at each rung."""
+    max_epochs: Optional[int] = Field(default=None, ge=1)
+    """asha: the most epochs a trial runs (default train.epochs)."""
+    perturbation_interval: int = Field(default=2, ge=1)
+    """pbt: epochs between exploit/explore steps (a multiple of checkpoint.every_epochs)."""
+    cv_folds: Optional[int] = Field(default=None, ge=2)
+    """k-fold cross-validation: each trial trains k folds of the training split (stratified for classification) and reports the mean and std of the validation metric."""
+    seed: int = 0
+    """Seeds the sampling of trials (random, optuna), so the same config gives the same trials."""
+
+
 class Experiment(_Section):
     """A complete experiment; every section has defaults, so a YAML file names only what differs."""
 
@@ -244,6 +339,8 @@ class Experiment(_Section):
     """Run name and storage."""
     preflight: PreflightConfig = Field(default_factory=PreflightConfig)
     """Numerical gradient check before training."""
+    tune: Optional[TuneConfig] = None
+    """Sweep (`raytrain-kit tune`): search space, search algorithm, scheduler, cross-validation; ignored by train."""
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "Experiment":
@@ -276,6 +373,8 @@ class Experiment(_Section):
             problems.append("schedule.warmup_steps: not supported with kind 'plateau'; set it to 0 or pick another kind")
         if d.task == "regression" and self.train.metric == "val_accuracy":
             problems.append("train.metric: val_accuracy needs data.task: classification; use val_loss")
+        if self.tune is not None:
+            problems += _tune_problems(self)
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -301,6 +400,78 @@ class Experiment(_Section):
 
 
 SECTIONS = {name: f.annotation for name, f in Experiment.model_fields.items()}
+SECTIONS["tune"] = TuneConfig  # Optional[TuneConfig]: a sweep is opt-in
+
+
+def _unknown_path(dotted: str) -> Optional[str]:
+    """Why a dotted key names no config value (with the nearest valid key), or None if it does."""
+    model: Any = Experiment
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        fields = SECTIONS if model is Experiment else model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:i])
+            valid = [f"{where}.{k}" if where else k for k in fields]
+            close = difflib.get_close_matches(".".join(parts[: i + 1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            return f"unknown key{hint}"
+        model = SECTIONS[part] if model is Experiment else model.model_fields[part].annotation
+        if get_origin(model) is dict:  # model.kwargs.<anything>
+            return None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None if i == len(parts) - 1 else f"{'.'.join(parts[: i + 1])} is a value, not a section"
+    return f"{dotted} is a section; name one of its keys"
+
+
+def _tune_problems(cfg: "Experiment") -> list[str]:
+    """Sweep settings that would fail after trials started: caught at load time instead."""
+    t = cfg.tune
+    problems = []
+    if not t.space:
+        problems.append("tune.space: empty; name at least one dotted key to search, e.g. optim.lr: {loguniform: [1.0e-4, 1.0e-1]}")
+    base = cfg.model_dump(mode="json")
+    base.pop("tune")
+    for key, domain in t.space.items():
+        reason = _unknown_path(key)
+        if reason:
+            problems.append(f"tune.space.{key}: {reason}")
+            continue
+        section = key.split(".")[0]
+        if section in UNSEARCHABLE:
+            problems.append(f"tune.space.{key}: {section}.* cannot be searched: {UNSEARCHABLE[section]}")
+            continue
+        for value in domain.candidates():
+            try:
+                Experiment.model_validate(_apply(base, {key: value}))
+            except ValidationError as e:
+                problem = _describe(e.errors()[0])
+                problems.append(f"tune.space.{key}: {domain.kind} value {value!r} makes an invalid experiment ({problem})")
+                break
+        if t.search == "grid" and domain.kind not in ("grid", "choice"):
+            problems.append(f"tune.space.{key}: search grid enumerates values; use grid: [...] or choice: [...] "
+                            f"instead of {domain.kind}, or set tune.search: random")
+        if t.search == "optuna" and domain.kind == "grid":
+            problems.append(f"tune.space.{key}: optuna does not take grid; use choice: [...] or tune.search: random")
+    metric = t.metric or cfg.metric
+    if metric.endswith("accuracy") and cfg.data.task != "classification":
+        problems.append(f"tune.metric: {metric} is not reported for data.task: {cfg.data.task}; use val_loss or train_loss")
+    if metric.startswith("val_") and cfg.train.eval_every != 1:
+        problems.append(f"tune.metric: {metric} is reported only every train.eval_every={cfg.train.eval_every} epochs; "
+                        "schedulers compare it every epoch, so set train.eval_every: 1")
+    if t.scheduler == "asha" and t.max_epochs is not None and t.max_epochs > cfg.train.epochs:
+        problems.append(f"tune.max_epochs: {t.max_epochs} is more than train.epochs ({cfg.train.epochs})")
+    if t.scheduler == "pbt":
+        if not any(k == "optim.lr" or k.startswith("regularization.") for k in t.space):
+            problems.append("tune.scheduler: pbt perturbs optim.lr and regularization.*; search at least one of them")
+        if t.cv_folds:
+            problems.append("tune.cv_folds: not supported with scheduler pbt (a trial would clone k fold models); "
+                            "use asha or fifo")
+        if t.perturbation_interval % cfg.checkpoint.every_epochs:
+            problems.append(f"tune.perturbation_interval: {t.perturbation_interval} is not a multiple of "
+                            f"checkpoint.every_epochs ({cfg.checkpoint.every_epochs}); pbt clones checkpoints")
+        if t.search == "optuna":
+            problems.append("tune.search: optuna cannot be combined with scheduler pbt; use random")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,11 +557,20 @@ def to_yaml(cfg: Experiment) -> str:
 
 def _model_at(loc: Sequence[Any]) -> Optional[type[BaseModel]]:
     model: Any = Experiment
+    skip_key = False
     for part in loc:
+        if skip_key:  # the key of a dict field (tune.space.<dotted key>)
+            skip_key = False
+            continue
         fields = getattr(model, "model_fields", None)
         if not fields or part not in fields:
             return None
         model = fields[part].annotation
+        args = [a for a in get_args(model) if a is not type(None)]
+        if get_origin(model) is Union and len(args) == 1:  # Optional[Section]
+            model = args[0]
+        if get_origin(model) is dict:
+            model, skip_key = get_args(model)[1], True
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 

@@ -11,7 +11,7 @@ Exercised by `raytrain-kit validate jobs/tabular_mlp.yaml` and `tests/test_data.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -268,3 +268,86 @@ def build_datasets(cfg: Experiment) -> tuple[dict[str, ray.data.Dataset], DataSp
     spec = DataSpec(num_features=len(features), num_classes=num_classes, input_shape=input_shape,
                     num_train_rows=num_train, num_val_rows=num_val, feature_names=tuple(features))
     return {"train": train, "val": val}, spec
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-validation folds (sweeps with tune.cv_folds)
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def row_keys(x: np.ndarray, y: np.ndarray, *, seed: int) -> np.ndarray:
+    """A seeded 64-bit hash of each row's contents: the same row gets the same key on every run,
+    on any node, in any block, which is what makes folds reproducible without a global row index."""
+    words = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    coef = np.random.default_rng(seed).integers(1, 2**63, size=words.shape[1] + 1, dtype=np.uint64) | np.uint64(1)
+    with np.errstate(over="ignore"):  # arithmetic mod 2**64 is the point
+        h = (words * coef[:-1]).sum(axis=1, dtype=np.uint64)
+        h += np.ascontiguousarray(y).astype(np.float64).view(np.uint64) * coef[-1]
+        # splitmix64's finalizer spreads the bits, so key order is a seeded random permutation.
+        h ^= h >> np.uint64(30)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(27)
+        h *= np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return h
+
+
+def _add_key(batch: dict, *, seed: int) -> dict:
+    return {**batch, "key": row_keys(batch["x"], batch["y"], seed=seed)}
+
+
+def assign_folds(keys: np.ndarray, labels: Optional[np.ndarray], *, num_folds: int) -> np.ndarray:
+    """Fold of each row. Classification (labels given): each class's rows, in key order, are dealt
+    round-robin into the folds from a class-dependent start, so every class splits as evenly as
+    its count allows and fold sizes stay within one row of each other per class. Regression:
+    rows in key order are dealt round-robin. Keys are seeded hashes, so both are random splits."""
+    fold = np.empty(len(keys), dtype=np.int64)
+    groups = np.unique(labels) if labels is not None else [None]
+    for label in groups:
+        rows = np.flatnonzero(labels == label) if labels is not None else np.arange(len(keys))
+        order = rows[np.argsort(keys[rows], kind="stable")]
+        start = int(label) % num_folds if label is not None else 0
+        fold[order] = (np.arange(len(order)) + start) % num_folds
+    return fold
+
+
+def _select_fold(batch: dict, *, sorted_keys: np.ndarray, folds: np.ndarray, fold: int, inside: bool) -> dict:
+    where = np.searchsorted(sorted_keys, batch["key"])
+    keep = (folds[where] == fold) == inside
+    return {"x": batch["x"][keep], "y": batch["y"][keep]}
+
+
+def build_folds(cfg: Experiment, train: ray.data.Dataset, spec: DataSpec, *,
+                num_folds: int) -> list[tuple[dict[str, ray.data.Dataset], DataSpec]]:
+    """k seeded folds of the training split: fold i validates on its rows and trains on the rest,
+    stratified for classification. Only each row's key and label (16 bytes) come to the driver;
+    the rows themselves stay in Ray's object store. Same seed, same folds."""
+    context = ray.data.DataContext.get_current()
+    ordered = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True  # same block order, same split across workers
+    try:
+        keyed = train.map_batches(_add_key, batch_format="numpy", fn_kwargs={"seed": cfg.train.seed}).materialize()
+        pairs = [b for b in keyed.select_columns(["key", "y"]).iter_batches(batch_size=None, batch_format="numpy")]
+        keys = np.concatenate([b["key"] for b in pairs])
+        labels = np.concatenate([b["y"] for b in pairs]) if spec.task == "classification" else None
+        fold_of_row = assign_folds(keys, labels, num_folds=num_folds)
+        order = np.argsort(keys, kind="stable")
+        lookup = {"sorted_keys": keys[order], "folds": fold_of_row[order]}
+        # Identical rows share a key and so a fold: a duplicate never sits on both sides of a split.
+        fold_of_row = lookup["folds"][np.searchsorted(lookup["sorted_keys"], keys)]
+        folds = []
+        for i in range(num_folds):
+            part = {name: keyed.map_batches(_select_fold, batch_format="numpy",
+                                            fn_kwargs={**lookup, "fold": i, "inside": inside})
+                    for name, inside in (("train", False), ("val", True))}
+            num_val = int((fold_of_row == i).sum())
+            if not num_val or num_val == len(keys):
+                raise DataError(f"tune.cv_folds: {num_folds} folds of {len(keys)} training rows leave fold {i} "
+                                "empty; use fewer folds")
+            if cfg.data.in_memory:
+                part = {name: ds.materialize() for name, ds in part.items()}
+            folds.append((part, replace(spec, num_train_rows=len(keys) - num_val, num_val_rows=num_val)))
+        return folds
+    finally:
+        context.execution_options.preserve_order = ordered

@@ -47,6 +47,10 @@ def connect(address: Optional[str] = None) -> None:
     # inherited by the processes of an embedded Ray. Users can still set these themselves.
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray Train's controller collects each report when it polls its workers, every 2 s by
+    # default, and a worker's next report waits for that (its result queue holds one): short
+    # epochs were paying 2 s each. Train propagates this variable to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)  # a notice, not a problem
     quiet = dict(logging_level=logging.WARNING, configure_logging=True)
     if address or os.environ.get("RAY_ADDRESS"):
@@ -55,13 +59,25 @@ def connect(address: Optional[str] = None) -> None:
         # "local" never attaches to a stale cluster recorded in the temp dir by `ray start`. The
         # dashboard serves the State API, without which Ray Train's PlacementGroupCleaner cannot
         # see its controller (and stopped Tune trials leak their CPUs); port 0 = any free port.
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=0, **quiet)
+        # Ray Train's PlacementGroupCleaner finds the State API through RAY_API_SERVER_ADDRESS
+        # (inherited by this Ray's processes); left unset it may find another Ray on the machine.
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=port, **quiet)
         global _started_embedded_ray
         _started_embedded_ray = True
     # Datasets carry the driver's DataContext to Ray Data's actors, so this reaches them too.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def storage_root(cfg: Experiment) -> str:
@@ -123,6 +139,7 @@ class _ForwardReports(UserCallback):
 
 
 def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event) -> None:
+    from ray.exceptions import RayActorError
     from ray.util.queue import Empty
 
     while True:
@@ -131,6 +148,8 @@ def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event) -> N
         except Empty:
             if stop.is_set():
                 return
+        except RayActorError:  # the queue went with its owner: a sweep trial being stopped
+            return
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,11 +207,13 @@ def check_resources(cfg: Experiment) -> None:
                           f"{total.get('GPU', 0):g}; set scaling.use_gpu: false or lower scaling.num_workers")
 
 
-def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=()) -> TorchTrainer:
+def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=(),
+                  init_checkpoint: Optional[str] = None) -> TorchTrainer:
     s = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"experiment": cfg.model_dump(mode="json"), "spec": spec_to_dict(spec)},
+        train_loop_config={"experiment": cfg.model_dump(mode="json"), "spec": spec_to_dict(spec),
+                           "init_checkpoint": init_checkpoint},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
         run_config=RunConfig(
@@ -231,9 +252,10 @@ def summarize(cfg: Experiment, history: list[dict], *, status: str, error: Optio
 
 
 def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[dict], None]] = None,
-        datasets_and_spec: Optional[tuple[dict, DataSpec]] = None,
+        datasets_and_spec: Optional[tuple[dict, DataSpec]] = None, init_checkpoint: Optional[str] = None,
         log: Callable[[str], None] = lambda line: None) -> dict:
-    """Train the experiment; returns (and writes) the run summary. Raises KitError subclasses."""
+    """Train the experiment; returns (and writes) the run summary. Raises KitError subclasses.
+    `init_checkpoint`: another run's checkpoint to start from (a sweep trial's clone or resume)."""
     import json
 
     from ray.util.queue import Queue
@@ -275,7 +297,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
 
     follower = threading.Thread(target=_follow, args=(queue, forward, stop), daemon=True)
     follower.start()
-    trainer = build_trainer(cfg, datasets, spec, callbacks=[_ForwardReports(queue)])
+    trainer = build_trainer(cfg, datasets, spec, callbacks=[_ForwardReports(queue)], init_checkpoint=init_checkpoint)
     error = None
     try:
         trainer.fit()

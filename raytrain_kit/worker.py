@@ -171,11 +171,15 @@ def _streamed(shard, *, dtypes: dict, shape: tuple[int, ...], batch_size: int,
         yield batch["x"].view(-1, *shape), batch["y"]
 
 
-def _restore(model: nn.Module, optimizer, scheduler, *, rank: int) -> tuple[int, int, list]:
-    """Load the latest reported checkpoint, if any; returns (next epoch, global step, history)."""
+def _restore(model: nn.Module, optimizer, scheduler, *, rank: int, cfg, init_checkpoint: Optional[str]) -> tuple[int, int, list]:
+    """Load the latest reported checkpoint of this run, else `init_checkpoint` (another run's: a
+    sweep trial continuing from a clone), if any; returns (next epoch, global step, history)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
+    cloned = checkpoint is None and init_checkpoint is not None
+    if cloned:
+        checkpoint = ray.train.Checkpoint(init_checkpoint)
     if checkpoint is None:
         return 0, 0, []
     with checkpoint.as_directory() as directory:
@@ -186,7 +190,29 @@ def _restore(model: nn.Module, optimizer, scheduler, *, rank: int) -> tuple[int,
     load_scheduler_state(scheduler, state["scheduler"])
     if saved["rng"] is not None:
         ckpt.set_rng_state(saved["rng"])
+    if cloned:
+        # The checkpoint carries its own run's hyperparameters; this run's config may differ
+        # (population based training perturbs lr and regularization): the config wins.
+        apply_hyperparameters(optimizer, scheduler, cfg)
     return state["epoch"] + 1, state["step"], saved["history"]
+
+
+def apply_hyperparameters(optimizer, scheduler, cfg) -> None:
+    """Set the config's base lr and weight decay on restored optimizer and schedule state,
+    keeping the schedule's position (the lr follows the new base from the current step)."""
+    decay = cfg.regularization.weight_decay if cfg.optim.name == "adamw" else 0.0
+    for i, group in enumerate(optimizer.param_groups):
+        if i == 0 and any(p.dim() >= 2 for p in group["params"]):
+            group["weight_decay"] = decay
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            group["initial_lr"] = cfg.optim.lr
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.base_lrs = [cfg.optim.lr] * len(optimizer.param_groups)
+        for group, fn in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = cfg.optim.lr * fn(scheduler.last_epoch)
+    else:  # plateau: its reductions so far are in the current lr; start again from the new base
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -213,7 +239,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     steps_per_epoch = max(1, math.ceil(rows_per_worker / cfg.train.batch_size))
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps=cfg.train.epochs * steps_per_epoch)
-    start_epoch, step, history = _restore(model, optimizer, scheduler, rank=rank)
+    start_epoch, step, history = _restore(model, optimizer, scheduler, rank=rank, cfg=cfg,
+                                         init_checkpoint=loop_config.get("init_checkpoint"))
     ddp_model = ray.train.torch.prepare_model(model) if world_size > 1 else model
 
     train_shard = ray.train.get_dataset_shard("train")

@@ -27,7 +27,8 @@ def token_env() -> dict:
     nothing reads or writes ~/.ray/auth_token, and this venv's `ray` and `raytrain-kit`."""
     from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
 
-    return {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+    # Not the session Ray's addresses: a test cluster finds its own.
+    return {**{k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")},
             "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": generate_new_authentication_token(),
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 

@@ -1,0 +1,405 @@
+"""Sweeps: Ray Tune over the training spine, optionally with k-fold cross-validated trials.
+
+Owns the translation of `tune:` into a Tune search space, search algorithm and scheduler, the
+resource arithmetic that packs trials onto the cluster without a stuck trial, the trial
+function (each trial is one `launch.fit` per fold, configured through `with_overrides`, the
+same path as `--set`), and the sweep's outputs: `trials.csv` / `trials.parquet`,
+`history.parquet` and `best.yaml`. Exercised by `raytrain-kit tune jobs/sweep_digits.yaml`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import pandas as pd
+import ray
+from ray import tune
+
+from raytrain_kit import launch
+from raytrain_kit.config import Experiment, SearchDomain, to_yaml, with_overrides
+from raytrain_kit.data import DataSpec, build_datasets, build_folds
+from raytrain_kit.errors import ConfigError, RunError, short_message
+from raytrain_kit.preflight import run_preflight
+
+TRIALS_CSV, TRIALS_PARQUET, HISTORY_PARQUET, BEST_YAML = "trials.csv", "trials.parquet", "history.parquet", "best.yaml"
+POINTER_FILE = "train_checkpoints.json"
+# Each trial's driver only waits on its Train runs: it reserves memory, never a CPU, so the CPUs
+# stay whole for training workers (a fractional CPU per trial driver leaves the last trial's
+# workers a fraction short, and they wait forever). Every Ray node has the memory resource.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 256 * 1024**2}
+# Metrics that are averaged over folds and also reported per fold and as a standard deviation.
+FOLD_METRICS = ("val_loss", "val_accuracy", "train_loss", "train_accuracy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Search space, search algorithm, scheduler
+
+
+def build_domain(domain: SearchDomain, *, for_grid_search: bool = False):
+    kind, args = domain.kind, domain.args
+    if kind == "choice" and for_grid_search:
+        return tune.grid_search(list(args))
+    return {
+        "loguniform": lambda: tune.loguniform(*args),
+        "uniform": lambda: tune.uniform(*args),
+        "quniform": lambda: tune.quniform(*args),
+        "randint": lambda: tune.randint(*args),
+        "choice": lambda: tune.choice(list(args)),
+        "grid": lambda: tune.grid_search(list(args)),
+    }[kind]()
+
+
+def build_param_space(cfg: Experiment) -> dict[str, Any]:
+    """Flat: dotted config key -> Tune domain. A trial's config is exactly its overrides."""
+    grid = cfg.tune.search == "grid"
+    return {key: build_domain(domain, for_grid_search=grid) for key, domain in cfg.tune.space.items()}
+
+
+def sweep_metric(cfg: Experiment) -> tuple[str, str]:
+    metric = cfg.tune.metric or cfg.metric
+    mode = cfg.tune.mode or (cfg.mode if metric == cfg.metric else ("max" if metric.endswith("accuracy") else "min"))
+    return metric, mode
+
+
+def build_search_alg(cfg: Experiment, *, max_concurrent: int):
+    t = cfg.tune
+    metric, mode = sweep_metric(cfg)
+    if t.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        searcher = OptunaSearch(metric=metric, mode=mode, sampler=optuna.samplers.TPESampler(seed=t.seed))
+        return tune.search.ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+    # Tune's max_concurrent_trials only limits a Searcher; the variant generator limits itself.
+    return tune.search.BasicVariantGenerator(random_state=t.seed, max_concurrent=max_concurrent)
+
+
+def build_scheduler(cfg: Experiment):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    t = cfg.tune
+    if t.scheduler == "asha":
+        # "epoch", not Tune's own iteration count: a trial resumed from a checkpoint goes on
+        # counting where it was, so the rungs stay right.
+        return ASHAScheduler(time_attr="epoch", max_t=t.max_epochs or cfg.train.epochs,
+                             grace_period=t.grace_period, reduction_factor=t.reduction_factor)
+    if t.scheduler == "pbt":
+        mutations = {key: build_domain(domain) for key, domain in t.space.items()
+                     if key == "optim.lr" or key.startswith("regularization.")}
+        return PopulationBasedTraining(time_attr="epoch", perturbation_interval=t.perturbation_interval,
+                                       hyperparam_mutations=mutations)
+    return FIFOScheduler()
+
+
+# ---------------------------------------------------------------------------------------------
+# Resources
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    num_folds: int
+    parallel_folds: bool  # all of a trial's folds train at once
+    cpus_per_trial: float
+    gpus_per_trial: float
+    max_concurrent_trials: int
+
+
+def plan_resources(cfg: Experiment, total: dict[str, float], *, can_grow: bool) -> SweepPlan:
+    """How many trials fit at once, and whether a trial's folds run side by side. A cluster that
+    cannot grow (an embedded Ray) refuses a plan that would leave a trial waiting forever."""
+    s, t = cfg.scaling, cfg.tune
+    num_folds = t.cv_folds or 1
+    cpus, gpus = s.num_workers * s.cpus_per_worker, float(s.num_workers if s.use_gpu else 0)
+    have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    eps = 1e-9
+    parallel = num_folds > 1 and num_folds * cpus <= have_cpu + eps and num_folds * gpus <= have_gpu + eps
+    per_trial_cpu, per_trial_gpu = cpus * (num_folds if parallel else 1), gpus * (num_folds if parallel else 1)
+    fits = math.floor((have_cpu + eps) / per_trial_cpu)
+    if per_trial_gpu:
+        fits = min(fits, math.floor((have_gpu + eps) / per_trial_gpu))
+    if fits < 1 and not can_grow:
+        raise ConfigError(f"scaling: a trial needs {per_trial_cpu:g} CPUs and {per_trial_gpu:g} GPUs, but the Ray cluster "
+                          f"has {have_cpu:g} CPUs and {have_gpu:g} GPUs; lower scaling.num_workers or scaling.cpus_per_worker")
+    if t.max_concurrent_trials and t.max_concurrent_trials > fits and not can_grow:
+        raise ConfigError(f"tune.max_concurrent_trials: {t.max_concurrent_trials} trials x {per_trial_cpu:g} CPUs do not fit "
+                          f"in the cluster's {have_cpu:g} CPUs; at most {fits} run at once here (omit the key for that)")
+    return SweepPlan(num_folds=num_folds, parallel_folds=parallel, cpus_per_trial=per_trial_cpu,
+                     gpus_per_trial=per_trial_gpu, max_concurrent_trials=t.max_concurrent_trials or max(fits, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial: one fit per fold, epochs forwarded to Tune once every fold has reported them
+
+
+def aggregate_folds(per_fold: list[dict]) -> dict:
+    """One Tune result from the same epoch of every fold: the mean of each metric, and for the
+    validation/training metrics also their standard deviation and each fold's value."""
+    if len(per_fold) == 1:
+        return {k: v for k, v in per_fold[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out: dict[str, Any] = {}
+    for key, first in per_fold[0].items():
+        if not isinstance(first, (int, float)) or isinstance(first, bool) or not all(key in m for m in per_fold):
+            continue
+        values = np.array([m[key] for m in per_fold], dtype=np.float64)
+        out[key] = float(values.mean()) if key not in ("epoch", "step") else first
+        if key in FOLD_METRICS:
+            out[f"{key}_std"] = float(values.std(ddof=1))
+            out.update({f"fold{i}_{key}": float(v) for i, v in enumerate(values)})
+    return out
+
+
+def _pointer_checkpoint(paths: list[str]) -> tune.Checkpoint:
+    """A Tune checkpoint that names the trial's Train checkpoints instead of copying them."""
+    directory = tempfile.mkdtemp(prefix="raytrain-kit-trial-")
+    (Path(directory) / POINTER_FILE).write_text(json.dumps({"checkpoints": paths}))
+    return tune.Checkpoint.from_directory(directory)
+
+
+def _read_pointer(checkpoint: Optional[tune.Checkpoint]) -> Optional[list[str]]:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return json.loads((Path(directory) / POINTER_FILE).read_text())["checkpoints"]
+
+
+def run_trial(config: dict, *, base: Experiment, data: list[tuple[dict, DataSpec]], parallel_folds: bool) -> None:
+    """Tune's function trainable. `config` holds this trial's values by dotted key."""
+    import logging
+
+    # Ray logs each persisted checkpoint at INFO, twice per epoch here; the sweep prints per trial.
+    for name in ("ray.train", "ray.tune"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    trial_id = tune.get_context().get_trial_id()
+    cfg = with_overrides(base, config)
+    starts = _read_pointer(tune.get_checkpoint())  # a resumed trial, or a PBT clone of another
+    num_folds = len(data)
+    # A restarted trial trains new runs (attempt 1, 2, ...) from its checkpoint; earlier ones stay.
+    attempt = 0
+    while launch._exists(f"{launch.storage_root(cfg)}/{_run_name(trial_id, 0, num_folds, attempt)}"):
+        attempt += 1
+    events: queue.Queue = queue.Queue()
+
+    def train_fold(i: int) -> None:
+        fold_cfg = with_overrides(cfg, {"run.name": _run_name(trial_id, i, num_folds, attempt)})
+        try:
+            fold_summary = launch.fit(fold_cfg, datasets_and_spec=data[i], init_checkpoint=starts[i] if starts else None,
+                                      on_epoch=lambda m: events.put(("epoch", i, m)))
+            events.put(("done", i, fold_summary))
+        except BaseException as e:  # reaches the trial's thread, which fails the trial with it
+            events.put(("error", i, e))
+
+    def train_in_sequence() -> None:
+        for i in range(num_folds):
+            train_fold(i)
+
+    threads = ([threading.Thread(target=train_fold, args=(i,), daemon=True) for i in range(num_folds)]
+               if parallel_folds else [threading.Thread(target=train_in_sequence, daemon=True)])
+    for thread in threads:
+        thread.start()
+    by_epoch: dict[int, dict[int, dict]] = {}
+    num_done = 0
+    while num_done < num_folds:
+        kind, fold, payload = events.get()
+        if kind == "error":
+            raise payload
+        if kind == "done":
+            num_done += 1
+            continue
+        reports = by_epoch.setdefault(payload["epoch"], {})
+        reports[fold] = payload
+        if len(reports) < num_folds:
+            continue
+        per_fold = [reports[i] for i in range(num_folds)]
+        del by_epoch[payload["epoch"]]
+        paths = [m.get("checkpoint") for m in per_fold]
+        checkpoint = _pointer_checkpoint(paths) if all(paths) else None
+        tune.report(aggregate_folds(per_fold), checkpoint=checkpoint)
+
+
+def _run_name(trial_id: str, fold: int, num_folds: int, attempt: int) -> str:
+    return trial_id + (f"_fold{fold}" if num_folds > 1 else "") + (f"_attempt{attempt}" if attempt else "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep
+
+
+class _PrintTrials(tune.Callback):
+    """One line per finished, stopped or failed trial (Tune's own tables are off)."""
+
+    def __init__(self, cfg: Experiment, log: Callable[[str], None]):
+        self.cfg, self.log = cfg, log
+        self.metric, self.mode = sweep_metric(cfg)
+        self.num_done = 0
+
+    def _line(self, trial, status: str) -> None:
+        self.num_done += 1
+        result = trial.last_result or {}
+        values = "  ".join(f"{k}={_short(trial.config.get(k))}" for k in self.cfg.tune.space)
+        value = result.get(self.metric)
+        shown = f"{self.metric} {value:.4f}" if isinstance(value, (int, float)) else "no result"
+        self.log(f"trial {trial.trial_id} {status} at epoch {result.get('epoch', 0)}: {shown}  {values}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._line(trial, "finished" if _epochs_run(trial.last_result) >= _max_epochs(self.cfg) else "stopped")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trial, "failed")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _epochs_run(result: Optional[dict]) -> int:
+    return int((result or {}).get("epoch", 0) or 0)
+
+
+def _max_epochs(cfg: Experiment) -> int:
+    return cfg.tune.max_epochs if cfg.tune.scheduler == "asha" and cfg.tune.max_epochs else cfg.train.epochs
+
+
+def trial_base(cfg: Experiment, directory: str) -> Experiment:
+    """What every trial starts from: no sweep section, no second preflight, runs inside the sweep."""
+    overrides: dict[str, Any] = {"tune": None, "preflight.enabled": False, "run.storage_path": f"{directory}/runs"}
+    if cfg.tune.scheduler == "pbt":
+        # A clone starts from another trial's latest checkpoint, which that trial must still keep.
+        overrides["checkpoint.keep"] = max(cfg.checkpoint.keep, cfg.train.epochs)
+    return with_overrides(cfg, overrides)
+
+
+def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], None] = lambda line: None) -> dict:
+    """Run (or continue) the sweep; writes its outputs and returns a summary. Raises KitError."""
+    assert cfg.tune is not None, "the CLI refuses a config without a tune section"
+    started = time.perf_counter()
+    directory = launch.run_dir(cfg)
+    exists = launch._exists(directory)
+    if exists and not resume:
+        raise ConfigError(f"run.name: sweep {cfg.run.name!r} already exists at {directory}; pass --resume to continue "
+                          "it, or --set run.name=<new name> to start another")
+    if resume and not tune.Tuner.can_restore(directory):
+        raise ConfigError(f"--resume: no sweep {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
+    plan = plan_resources(cfg, ray.cluster_resources(), can_grow=not launch._started_embedded_ray)
+    launch.check_shared_storage(cfg)
+    datasets, spec = build_datasets(cfg)
+    if cfg.preflight.enabled:
+        report = run_preflight(cfg, datasets["train"], spec)
+        log(f"preflight: gradient check {report.status} ({report.num_parameters:,} parameters, {report.seconds:.2f} s)")
+    data = build_folds(cfg, datasets["train"], spec, num_folds=plan.num_folds) if plan.num_folds > 1 else [(datasets, spec)]
+    if not resume:
+        launch.write_run_file(directory, launch.CONFIG_FILE, to_yaml(cfg))
+    metric, mode = sweep_metric(cfg)
+    log(f"sweep {cfg.run.name}: {cfg.tune.search} search, {cfg.tune.scheduler} scheduler, "
+        f"{plan.max_concurrent_trials} trial(s) at a time, {plan.cpus_per_trial:g} CPUs each"
+        + (f", {plan.num_folds} folds per trial ({'side by side' if plan.parallel_folds else 'in sequence'})"
+           if plan.num_folds > 1 else ""))
+
+    # Tune's own tables and banners: the sweep prints one line per trial instead.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=trial_base(cfg, directory), data=data, parallel_folds=plan.parallel_folds),
+        TRIAL_DRIVER_RESOURCES)
+    if resume:
+        tuner = tune.Tuner.restore(directory, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=build_param_space(cfg))
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=build_param_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=metric, mode=mode, search_alg=build_search_alg(cfg, max_concurrent=plan.max_concurrent_trials),
+                scheduler=build_scheduler(cfg), num_samples=cfg.tune.num_samples,
+                trial_dirname_creator=lambda trial: trial.trial_id),
+            run_config=tune.RunConfig(
+                name=cfg.run.name, storage_path=launch.storage_root(cfg), verbose=0,
+                callbacks=[_PrintTrials(cfg, log)],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+    results = tuner.fit()
+    table, history = trial_table(cfg, results)
+    if table.empty or table["best_value"].isna().all():
+        errors = "; ".join(e for e in table.get("error", pd.Series(dtype=str)).dropna().unique()[:3]) if not table.empty else ""
+        raise RunError(f"sweep {cfg.run.name!r}: no trial reported {metric}" + (f" ({errors})" if errors else ""))
+    write_outputs(cfg, directory, table, history)
+    best = table.iloc[0]
+    return {"run_dir": directory, "metric": metric, "mode": mode, "num_trials": len(table),
+            "best_trial": best["trial_id"], "best_value": float(best["best_value"]),
+            "best_config": {k: _plain(best[k]) for k in cfg.tune.space},
+            "best_yaml": f"{directory}/{BEST_YAML}", "wall_s": round(time.perf_counter() - started, 2),
+            "table": table}
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+
+
+def trial_table(cfg: Experiment, results) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per trial (its searched values, best and final metric, epochs, status, wall time),
+    best first; and every reported epoch of every trial."""
+    metric, mode = sweep_metric(cfg)
+    rows, epochs = [], []
+    for result in results:
+        frame = result.metrics_dataframe
+        config = result.config or {}
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
+        row: dict[str, Any] = {"trial_id": trial_id}
+        row.update({key: config.get(key) for key in cfg.tune.space})
+        scored = frame[frame[metric].notna()] if frame is not None and metric in frame else None
+        if scored is not None and len(scored):
+            best = scored.loc[scored[metric].idxmax() if mode == "max" else scored[metric].idxmin()]
+            row.update(best_value=float(best[metric]), best_epoch=int(best["epoch"]),
+                       final_value=float(scored[metric].iloc[-1]), epochs_run=int(frame["epoch"].max()),
+                       wall_s=round(float(frame["time_total_s"].max()), 2))
+            row.update({c: float(best[c]) for c in best.index if c.startswith("fold") or c == f"{metric}_std"})
+            keep = [c for c in frame.columns if c in ("epoch", "time_total_s") or c.startswith(("train_", "val_", "fold"))
+                    or c in ("lr", "samples_per_s")]
+            epochs.append(frame[keep].assign(trial_id=trial_id))
+        else:
+            row.update(best_value=None, best_epoch=None, final_value=None, epochs_run=0, wall_s=None)
+        failed = result.error is not None
+        row["status"] = "failed" if failed else ("finished" if row["epochs_run"] >= _max_epochs(cfg) else "stopped")
+        row["error"] = f"{type(result.error).__name__}: {short_message(result.error, last_line=True)}" if failed else None
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        table = table.sort_values("best_value", ascending=mode == "min", na_position="last", kind="stable")
+        table = table.reset_index(drop=True)
+    history = pd.concat(epochs, ignore_index=True) if epochs else pd.DataFrame()
+    return table, history
+
+
+def best_experiment(cfg: Experiment, table: pd.DataFrame) -> Experiment:
+    """The best trial as a complete experiment that `raytrain-kit train` takes unchanged: the
+    sweep's config with the trial's values, no tune section, named `<sweep>-best`."""
+    best = table.iloc[0]
+    return with_overrides(cfg, {"tune": None, "run.name": f"{cfg.run.name}-best",
+                                **{key: _plain(best[key]) for key in cfg.tune.space}})
+
+
+def write_outputs(cfg: Experiment, directory: str, table: pd.DataFrame, history: pd.DataFrame) -> None:
+    import io
+
+    fs, path = launch._fs(directory)
+    for name, frame in ((TRIALS_PARQUET, table), (HISTORY_PARQUET, history)):
+        buffer = io.BytesIO()
+        # Searched values may mix types (a choice of lists): store them as text for Parquet.
+        frame.astype({c: str for c in frame.columns if frame[c].dtype == object and c not in ("trial_id", "status", "error")}
+                     ).to_parquet(buffer, index=False)
+        with fs.open_output_stream(f"{path}/.{name}.tmp") as out:
+            out.write(buffer.getvalue())
+        fs.move(f"{path}/.{name}.tmp", f"{path}/{name}")
+    launch.write_run_file(directory, TRIALS_CSV, table.to_csv(index=False))
+    launch.write_run_file(directory, BEST_YAML, to_yaml(best_experiment(cfg, table)))
