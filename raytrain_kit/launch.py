@@ -72,6 +72,11 @@ def connect(address: Optional[str] = None) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
+def started_embedded_ray() -> bool:
+    """Whether this process started the Ray it uses (a cluster that cannot grow)."""
+    return _started_embedded_ray
+
+
 def _free_port() -> int:
     import socket
 
@@ -86,7 +91,7 @@ def storage_root(cfg: Experiment) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
 
 
@@ -95,8 +100,8 @@ def run_dir(cfg: Experiment) -> str:
     return f"{storage_root(cfg).rstrip('/')}/{cfg.run.name}"
 
 
-def _exists(uri: str) -> bool:
-    fs, path = _fs(uri)
+def path_exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         return False
@@ -108,7 +113,7 @@ def _exists(uri: str) -> bool:
 def write_run_file(uri: str, name: str, text: str) -> str:
     """The one writer of run-level files (driver side): temp name + rename on local disks;
     object stores make a single put atomic on their own."""
-    fs, path = _fs(uri)
+    fs, path = filesystem(uri)
     fs.create_dir(path, recursive=True)
     target = f"{path}/{name}"
     tmp = f"{path}/.{name}.tmp"
@@ -121,7 +126,7 @@ def write_run_file(uri: str, name: str, text: str) -> str:
 def read_history(checkpoint_uri: str) -> list[dict]:
     import json
 
-    fs, path = _fs(checkpoint_uri)
+    fs, path = filesystem(checkpoint_uri)
     with fs.open_input_stream(f"{path}/{ckpt.HISTORY_FILE}") as f:
         return json.loads(f.read().decode())
 
@@ -262,7 +267,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
 
     started = time.perf_counter()
     directory = run_dir(cfg)
-    exists = _exists(directory)
+    exists = path_exists(directory)
     if exists and not resume:
         raise ConfigError(f"run.name: run {cfg.run.name!r} already exists at {directory}; pass --resume to continue "
                           f"it, or --set run.name=<new name> to start another")
@@ -327,7 +332,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
 
 
 def _checkpoint_names_on_disk(directory: str) -> list[str]:
-    fs, path = _fs(directory)
+    fs, path = filesystem(directory)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return []
     return [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))
@@ -340,7 +345,7 @@ def _registered_checkpoint_names(directory: str) -> Optional[set[str]]:
 
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
-    fs, path = _fs(directory)
+    fs, path = filesystem(directory)
     snapshot = f"{path}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
     if fs.get_file_info(snapshot).type != pafs.FileType.File:
         return None
@@ -362,7 +367,7 @@ def remove_orphan_checkpoints(directory: str) -> list[str]:
     registered = _registered_checkpoint_names(directory)
     if registered is None:
         return []
-    fs, path = _fs(directory)
+    fs, path = filesystem(directory)
     orphans = [n for n in _checkpoint_names_on_disk(directory) if n not in registered]
     for name in orphans:
         fs.delete_dir(f"{path}/{name}")

@@ -18,17 +18,17 @@ NUM_CURVES = 5  # best trials whose learning curves are drawn
 
 
 def _read(directory: str, name: str) -> bytes:
-    from raytrain_kit.launch import _fs
+    from raytrain_kit.launch import filesystem
 
-    fs, path = _fs(directory)
+    fs, path = filesystem(directory)
     with fs.open_input_stream(f"{path}/{name}") as f:
         return f.read()
 
 
 def _write(directory: str, name: str, data: bytes) -> str:
-    from raytrain_kit.launch import _fs
+    from raytrain_kit.launch import filesystem
 
-    fs, path = _fs(directory)
+    fs, path = filesystem(directory)
     with fs.open_output_stream(f"{path}/.{name}.tmp") as out:
         out.write(data)
     fs.move(f"{path}/.{name}.tmp", f"{path}/{name}")

@@ -186,7 +186,7 @@ def run_trial(config: dict, *, base: Experiment, data: list[tuple[dict, DataSpec
     num_folds = len(data)
     # A restarted trial trains new runs (attempt 1, 2, ...) from its checkpoint; earlier ones stay.
     attempt = 0
-    while launch._exists(f"{launch.storage_root(cfg)}/{_run_name(trial_id, 0, num_folds, attempt)}"):
+    while launch.path_exists(f"{launch.storage_root(cfg)}/{_run_name(trial_id, 0, num_folds, attempt)}"):
         attempt += 1
     events: queue.Queue = queue.Queue()
 
@@ -284,13 +284,13 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
     assert cfg.tune is not None, "the CLI refuses a config without a tune section"
     started = time.perf_counter()
     directory = launch.run_dir(cfg)
-    exists = launch._exists(directory)
+    exists = launch.path_exists(directory)
     if exists and not resume:
         raise ConfigError(f"run.name: sweep {cfg.run.name!r} already exists at {directory}; pass --resume to continue "
                           "it, or --set run.name=<new name> to start another")
     if resume and not tune.Tuner.can_restore(directory):
         raise ConfigError(f"--resume: no sweep {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
-    plan = plan_resources(cfg, ray.cluster_resources(), can_grow=not launch._started_embedded_ray)
+    plan = plan_resources(cfg, ray.cluster_resources(), can_grow=not launch.started_embedded_ray())
     launch.check_shared_storage(cfg)
     datasets, spec = build_datasets(cfg)
     if cfg.preflight.enabled:
@@ -307,6 +307,8 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
 
     # Tune's own tables and banners: the sweep prints one line per trial instead.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Every epoch writes a small pointer checkpoint, which Tune warns is frequent; it is cheap.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=trial_base(cfg, directory), data=data, parallel_folds=plan.parallel_folds),
         TRIAL_DRIVER_RESOURCES)
@@ -392,7 +394,7 @@ def best_experiment(cfg: Experiment, table: pd.DataFrame) -> Experiment:
 def write_outputs(cfg: Experiment, directory: str, table: pd.DataFrame, history: pd.DataFrame) -> None:
     import io
 
-    fs, path = launch._fs(directory)
+    fs, path = launch.filesystem(directory)
     for name, frame in ((TRIALS_PARQUET, table), (HISTORY_PARQUET, history)):
         buffer = io.BytesIO()
         # Searched values may mix types (a choice of lists): store them as text for Parquet.
