@@ -61,9 +61,18 @@ def connect(address: Optional[str] = None) -> None:
         # see its controller (and stopped Tune trials leak their CPUs); port 0 = any free port.
         # Ray Train's PlacementGroupCleaner finds the State API through RAY_API_SERVER_ADDRESS
         # (inherited by this Ray's processes); left unset it may find another Ray on the machine.
-        port = _free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=port, **quiet)
+        for attempt in range(2):
+            port = _free_port()
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            try:
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=port, **quiet)
+                break
+            except Exception as e:
+                # On a loaded machine the raylet can give up waiting for its agents ("timed out
+                # during startup"); a second start usually succeeds.
+                if attempt or "timed out during startup" not in str(e):
+                    raise
+                ray.shutdown()
         global _started_embedded_ray
         _started_embedded_ray = True
     # Datasets carry the driver's DataContext to Ray Data's actors, so this reaches them too.
@@ -138,23 +147,39 @@ def read_history(checkpoint_uri: str) -> list[dict]:
 class _ForwardReports(UserCallback):
     def __init__(self, queue):
         self.queue = queue
+        self.sent_controller = False
 
     def after_report(self, run_context, metrics, checkpoint):
+        if not self.sent_controller:
+            # This runs on the controller: its handle lets the driver end the run gracefully.
+            self.queue.put({"controller": ray.get_runtime_context().current_actor})
+            self.sent_controller = True
         self.queue.put(dict(metrics[0], checkpoint=checkpoint.path if checkpoint else None))
 
 
-def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event) -> None:
+def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event, abort: threading.Event) -> None:
+    """Forward reports to `on_epoch` until `stop`; once `abort` is set, ask Ray Train's controller
+    to abort the run (workers shut down cleanly, the placement group is freed)."""
     from ray.exceptions import RayActorError
     from ray.util.queue import Empty
 
+    controller, aborted = None, False
     while True:
+        if abort.is_set() and controller is not None and not aborted:
+            controller.abort.remote()
+            aborted = True
         try:
-            on_epoch(queue.get(timeout=0.3))
+            message = queue.get(timeout=0.3)
         except Empty:
             if stop.is_set():
                 return
+            continue
         except RayActorError:  # the queue went with its owner: a sweep trial being stopped
             return
+        if "controller" in message:
+            controller = message["controller"]
+        elif not aborted:
+            on_epoch(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,9 +283,11 @@ def summarize(cfg: Experiment, history: list[dict], *, status: str, error: Optio
 
 def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[dict], None]] = None,
         datasets_and_spec: Optional[tuple[dict, DataSpec]] = None, init_checkpoint: Optional[str] = None,
-        log: Callable[[str], None] = lambda line: None) -> dict:
+        abort: Optional[threading.Event] = None, log: Callable[[str], None] = lambda line: None) -> dict:
     """Train the experiment; returns (and writes) the run summary. Raises KitError subclasses.
-    `init_checkpoint`: another run's checkpoint to start from (a sweep trial's clone or resume)."""
+    `init_checkpoint`: another run's checkpoint to start from (a sweep trial's clone or resume).
+    `abort`: set it to end the run early and cleanly (a sweep scheduler stopping a trial); the
+    summary then says "stopped"."""
     import json
 
     from ray.util.queue import Queue
@@ -300,7 +327,8 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
         if on_epoch:
             on_epoch(metrics)
 
-    follower = threading.Thread(target=_follow, args=(queue, forward, stop), daemon=True)
+    abort = abort or threading.Event()
+    follower = threading.Thread(target=_follow, args=(queue, forward, stop, abort), daemon=True)
     follower.start()
     trainer = build_trainer(cfg, datasets, spec, callbacks=[_ForwardReports(queue)], init_checkpoint=init_checkpoint)
     error = None
@@ -313,6 +341,8 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
         follower.join(timeout=10)
         ray.kill(queue.actor)
 
+    if abort.is_set():
+        error = None  # the run ended because it was asked to
     if not error and reports and reports[-1].get("nonfinite_stop"):
         last = reports[-1]
         error = (f"the loss or its gradients became NaN/inf in epoch {last['epoch']} "
@@ -323,7 +353,8 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     kept = checkpoint_dirs(directory)
     # The latest checkpoint holds every epoch's metrics up to it, across resumes.
     history = read_history(kept[max(kept)]) if kept else []
-    summary = summarize(cfg, history, status="failed" if error else "finished", error=error,
+    status = "failed" if error else "stopped" if abort.is_set() and len(history) < cfg.train.epochs else "finished"
+    summary = summarize(cfg, history, status=status, error=error,
                         wall_s=time.perf_counter() - started)
     write_run_file(directory, SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
     if error:

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import queue
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -159,72 +158,95 @@ def aggregate_folds(per_fold: list[dict]) -> dict:
     return out
 
 
-def _pointer_checkpoint(paths: list[str]) -> tune.Checkpoint:
-    """A Tune checkpoint that names the trial's Train checkpoints instead of copying them."""
-    directory = tempfile.mkdtemp(prefix="raytrain-kit-trial-")
-    (Path(directory) / POINTER_FILE).write_text(json.dumps({"checkpoints": paths}))
-    return tune.Checkpoint.from_directory(directory)
+class TrialTrainable(tune.Trainable):
+    """One trial: a `launch.fit` per fold in background threads; each `step` returns the next
+    epoch that every fold has reported, aggregated. A class, not a function, so that when a
+    scheduler stops the trial, `cleanup` can end its Train runs gracefully (their workers shut
+    down and free their CPUs) instead of leaving them to die with the trial's process."""
 
+    def setup(self, config: dict, *, base: Experiment, data: list[tuple[dict, DataSpec]], parallel_folds: bool):
+        import logging
 
-def _read_pointer(checkpoint: Optional[tune.Checkpoint]) -> Optional[list[str]]:
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
-        return json.loads((Path(directory) / POINTER_FILE).read_text())["checkpoints"]
+        # Ray logs each persisted checkpoint at INFO; the sweep prints one line per trial.
+        for name in ("ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        self.cfg = with_overrides(base, config)  # the same override path as --set
+        self.data, self.parallel_folds = data, parallel_folds
+        self.num_folds = len(data)
+        self.starts: Optional[list[str]] = None  # checkpoints to continue from (resume, PBT clone)
+        self.latest: Optional[list[str]] = None  # this trial's latest Train checkpoint per fold
+        self.events: queue.Queue = queue.Queue()
+        self.abort = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.by_epoch: dict[int, dict[int, dict]] = {}
+        self.num_done = 0
+        self.last: dict = {}
 
+    def _start(self) -> None:
+        # A restarted trial trains new runs (attempt 1, 2, ...) from its checkpoint; earlier ones stay.
+        attempt = 0
+        while launch.path_exists(f"{launch.storage_root(self.cfg)}/{_run_name(self.trial_id, 0, self.num_folds, attempt)}"):
+            attempt += 1
 
-def run_trial(config: dict, *, base: Experiment, data: list[tuple[dict, DataSpec]], parallel_folds: bool) -> None:
-    """Tune's function trainable. `config` holds this trial's values by dotted key."""
-    import logging
+        def train_fold(i: int) -> None:
+            fold_cfg = with_overrides(self.cfg, {"run.name": _run_name(self.trial_id, i, self.num_folds, attempt)})
+            try:
+                summary = launch.fit(fold_cfg, datasets_and_spec=self.data[i], abort=self.abort,
+                                     init_checkpoint=self.starts[i] if self.starts else None,
+                                     on_epoch=lambda m: self.events.put(("epoch", i, m)))
+                self.events.put(("done", i, summary))
+            except BaseException as e:  # reaches `step`, which fails the trial with it
+                self.events.put(("error", i, e))
 
-    # Ray logs each persisted checkpoint at INFO, twice per epoch here; the sweep prints per trial.
-    for name in ("ray.train", "ray.tune"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    trial_id = tune.get_context().get_trial_id()
-    cfg = with_overrides(base, config)
-    starts = _read_pointer(tune.get_checkpoint())  # a resumed trial, or a PBT clone of another
-    num_folds = len(data)
-    # A restarted trial trains new runs (attempt 1, 2, ...) from its checkpoint; earlier ones stay.
-    attempt = 0
-    while launch.path_exists(f"{launch.storage_root(cfg)}/{_run_name(trial_id, 0, num_folds, attempt)}"):
-        attempt += 1
-    events: queue.Queue = queue.Queue()
+        def train_in_sequence() -> None:
+            for i in range(self.num_folds):
+                if not self.abort.is_set():
+                    train_fold(i)
 
-    def train_fold(i: int) -> None:
-        fold_cfg = with_overrides(cfg, {"run.name": _run_name(trial_id, i, num_folds, attempt)})
-        try:
-            fold_summary = launch.fit(fold_cfg, datasets_and_spec=data[i], init_checkpoint=starts[i] if starts else None,
-                                      on_epoch=lambda m: events.put(("epoch", i, m)))
-            events.put(("done", i, fold_summary))
-        except BaseException as e:  # reaches the trial's thread, which fails the trial with it
-            events.put(("error", i, e))
+        self.threads = ([threading.Thread(target=train_fold, args=(i,), daemon=True) for i in range(self.num_folds)]
+                        if self.parallel_folds else [threading.Thread(target=train_in_sequence, daemon=True)])
+        for thread in self.threads:
+            thread.start()
 
-    def train_in_sequence() -> None:
-        for i in range(num_folds):
-            train_fold(i)
+    def step(self) -> dict:
+        if not self.threads:
+            self._start()
+        final: Optional[dict] = None
+        while True:
+            kind, fold, payload = self.events.get()
+            if kind == "error":
+                raise payload
+            if kind == "done":
+                self.num_done += 1
+                if self.num_done == self.num_folds:  # every fold finished: this is the last result
+                    return {**(final or self.last), "done": True}
+                continue
+            reports = self.by_epoch.setdefault(payload["epoch"], {})
+            reports[fold] = payload
+            if len(reports) < self.num_folds:
+                continue
+            del self.by_epoch[payload["epoch"]]
+            per_fold = [reports[i] for i in range(self.num_folds)]
+            paths = [m.get("checkpoint") for m in per_fold]
+            if all(paths):
+                self.latest = paths
+            self.last = aggregate_folds(per_fold)
+            if self.last["epoch"] < self.cfg.train.epochs:
+                return self.last
+            final = self.last  # held back until the runs have written their summaries
 
-    threads = ([threading.Thread(target=train_fold, args=(i,), daemon=True) for i in range(num_folds)]
-               if parallel_folds else [threading.Thread(target=train_in_sequence, daemon=True)])
-    for thread in threads:
-        thread.start()
-    by_epoch: dict[int, dict[int, dict]] = {}
-    num_done = 0
-    while num_done < num_folds:
-        kind, fold, payload = events.get()
-        if kind == "error":
-            raise payload
-        if kind == "done":
-            num_done += 1
-            continue
-        reports = by_epoch.setdefault(payload["epoch"], {})
-        reports[fold] = payload
-        if len(reports) < num_folds:
-            continue
-        per_fold = [reports[i] for i in range(num_folds)]
-        del by_epoch[payload["epoch"]]
-        paths = [m.get("checkpoint") for m in per_fold]
-        checkpoint = _pointer_checkpoint(paths) if all(paths) else None
-        tune.report(aggregate_folds(per_fold), checkpoint=checkpoint)
+    def save_checkpoint(self, checkpoint_dir: str) -> None:
+        # A pointer to the Train checkpoints, not a copy: they already live in the sweep's storage.
+        (Path(checkpoint_dir) / POINTER_FILE).write_text(json.dumps({"checkpoints": self.latest or self.starts}))
+
+    def load_checkpoint(self, checkpoint_dir: str) -> None:
+        self.starts = json.loads((Path(checkpoint_dir) / POINTER_FILE).read_text())["checkpoints"]
+
+    def cleanup(self) -> None:
+        self.abort.set()
+        deadline = time.monotonic() + 60
+        for thread in self.threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
 
 def _run_name(trial_id: str, fold: int, num_folds: int, attempt: int) -> str:
@@ -310,7 +332,8 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
     # Every epoch writes a small pointer checkpoint, which Tune warns is frequent; it is cheap.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=trial_base(cfg, directory), data=data, parallel_folds=plan.parallel_folds),
+        tune.with_parameters(TrialTrainable, base=trial_base(cfg, directory), data=data,
+                             parallel_folds=plan.parallel_folds),
         TRIAL_DRIVER_RESOURCES)
     if resume:
         tuner = tune.Tuner.restore(directory, trainable, resume_unfinished=True, resume_errored=True,
@@ -325,7 +348,7 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
             run_config=tune.RunConfig(
                 name=cfg.run.name, storage_path=launch.storage_root(cfg), verbose=0,
                 callbacks=[_PrintTrials(cfg, log)],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+                checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=2)))
     results = tuner.fit()
     table, history = trial_table(cfg, results)
     if table.empty or table["best_value"].isna().all():
