@@ -222,10 +222,12 @@ def test_asha_sweep_frees_every_cpu_and_best_yaml_trains_to_the_best_metric(ray_
 
 
 def test_cv_trial_reports_mean_std_and_every_fold(ray_session, tmp_path):
+    """One Optuna-sampled trial of 3 folds side by side (half a CPU per worker)."""
     cfg = build_experiment({**SMALL, "train": {"epochs": 2, "batch_size": 64},
                             "scaling": {"num_workers": 1, "cpus_per_worker": 0.5},
                             "run": {"name": "cv", "storage_path": str(tmp_path / "runs")},
-                            "tune": {"space": {"regularization.l2": {"grid": [1e-4]}}, "num_samples": 1, "cv_folds": 3}})
+                            "tune": {"space": {"regularization.l2": {"loguniform": [1e-5, 1e-3]}}, "search": "optuna",
+                                     "num_samples": 1, "cv_folds": 3}})
     lines: list[str] = []
     run_sweep(cfg, log=lines.append)
     assert "3 folds per trial (side by side)" in lines[0]
@@ -233,6 +235,7 @@ def test_cv_trial_reports_mean_std_and_every_fold(ray_session, tmp_path):
     table = pd.read_csv(sweep_dir / "trials.csv")
     assert len(table) == 1
     row = table.iloc[0]
+    assert 1e-5 <= row["regularization.l2"] <= 1e-3  # sampled by Optuna's TPE
     folds = [row[f"fold{i}_val_accuracy"] for i in range(3)]
     assert row["best_value"] == pytest.approx(np.mean(folds)) and row["val_accuracy_std"] == pytest.approx(np.std(folds, ddof=1))
     assert len(set(folds)) == 3 and all(0.3 < f <= 1.0 for f in folds)  # three different models
