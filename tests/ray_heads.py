@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -77,3 +78,21 @@ def end_group(process: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def kill_driver_when(command: list[str], *, done, cwd, poll_s: float = 0.1, timeout_s: float = 300) -> None:
+    """Run a kit command in its own process group (the driver and the embedded Ray it starts),
+    and SIGKILL that group as soon as `done()` is true: a driver lost mid-run."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, start_new_session=True)
+    try:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline and not done():
+            assert driver.poll() is None, driver.stdout.read()
+            time.sleep(poll_s)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import yaml
+from ray_heads import kill_driver_when
 
 from raytrain_kit.config import build_experiment
 from raytrain_kit.launch import fit
@@ -77,19 +78,7 @@ def test_driver_killed_after_second_checkpoint_resumes(tmp_path):
     run_dir = tmp_path / "runs" / "driver"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "raytrain_kit", "train", str(config)]
-    # Its own process group: the kill below takes the driver and the embedded Ray it started.
-    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and "checkpoint_epoch_0002" not in _registered(run_dir):
-            assert driver.poll() is None, driver.stdout.read()
-            time.sleep(0.1)
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    kill_driver_when(command, done=lambda: "checkpoint_epoch_0002" in _registered(run_dir), cwd=REPO)
     # Ray's actor processes outlive their dead raylet by a moment and may still register the
     # checkpoint in flight: read the run's state once it has stopped changing.
     snapshot = run_dir / "checkpoint_manager_snapshot.json"

@@ -266,36 +266,25 @@ def _terminated_trials(sweep_dir: Path) -> set[str]:
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     import os
-    import signal
     import subprocess
     import sys
+
+    from ray_heads import kill_driver_when
 
     config = tmp_path / "resumable.yaml"
     config.write_text(yaml.safe_dump({**SMALL, "train": {"epochs": 2, "batch_size": 64},
                                       "run": {"storage_path": str(tmp_path / "runs")},
                                       "tune": {"space": {"optim.lr": {"grid": [0.002, 0.004, 0.008]}}, "num_samples": 1}}))
     sweep_dir = tmp_path / "runs" / "resumable"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "raytrain_kit", "tune", str(config)]
-    # Its own process group: the kill takes the sweep driver and the embedded Ray it started.
-    driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not _terminated_trials(sweep_dir):
-            assert driver.poll() is None, driver.stdout.read()
-            time.sleep(0.2)
-        os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-    finally:
-        if driver.poll() is None:
-            os.killpg(driver.pid, signal.SIGKILL)
+    kill_driver_when(command, done=lambda: bool(_terminated_trials(sweep_dir)), cwd=REPO, poll_s=0.2)
     time.sleep(3)  # Ray's actor processes outlive their raylet by a moment
     finished_before = _terminated_trials(sweep_dir)
     assert 1 <= len(finished_before) < 3, "the driver died too late to test a resume"
     runs_before = {p.name: (p / "summary.json").stat().st_mtime_ns
                    for p in (sweep_dir / "runs").iterdir() if p.name.split("_attempt")[0] in finished_before}
 
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     resumed = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=400, start_new_session=True)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
