@@ -9,6 +9,7 @@ same path as `--set`), and the sweep's outputs: `trials.csv` / `trials.parquet`,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -158,20 +159,38 @@ def aggregate_folds(per_fold: list[dict]) -> dict:
     return out
 
 
+@ray.remote(num_cpus=0)
+class StopBoard:
+    """Trials the scheduler has stopped, posted by the sweep driver the moment it decides. Tune
+    stops a trial's actor only after the step in flight returns, a whole epoch later; trials
+    watch this board instead and abort their Train runs at once."""
+
+    def __init__(self):
+        self.stopped: set[str] = set()
+
+    def stop(self, trial_id: str) -> None:
+        self.stopped.add(trial_id)
+
+    def is_stopped(self, trial_id: str) -> bool:
+        return trial_id in self.stopped
+
+
 class TrialTrainable(tune.Trainable):
     """One trial: a `launch.fit` per fold in background threads; each `step` returns the next
-    epoch that every fold has reported, aggregated. A class, not a function, so that when a
-    scheduler stops the trial, `cleanup` can end its Train runs gracefully (their workers shut
-    down and free their CPUs) instead of leaving them to die with the trial's process."""
+    epoch that every fold has reported, aggregated. When a scheduler stops the trial, its Train
+    runs are aborted through their controllers (workers shut down and free their CPUs): at once
+    when the driver posts the decision on the `StopBoard`, else in `cleanup` (why a class, not a
+    function) instead of leaving them to die with the trial's process."""
 
-    def setup(self, config: dict, *, base: Experiment, data: list[tuple[dict, DataSpec]], parallel_folds: bool):
+    def setup(self, config: dict, *, base: Experiment, data: list[tuple[dict, DataSpec]], parallel_folds: bool,
+              board_name: Optional[str] = None):
         import logging
 
         # Ray logs each persisted checkpoint at INFO; the sweep prints one line per trial.
         for name in ("ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.cfg = with_overrides(base, config)  # the same override path as --set
-        self.data, self.parallel_folds = data, parallel_folds
+        self.data, self.parallel_folds, self.board_name = data, parallel_folds, board_name
         self.num_folds = len(data)
         self.starts: Optional[list[str]] = None  # checkpoints to continue from (resume, PBT clone)
         self.latest: Optional[list[str]] = None  # this trial's latest Train checkpoint per fold
@@ -207,6 +226,23 @@ class TrialTrainable(tune.Trainable):
                         if self.parallel_folds else [threading.Thread(target=train_in_sequence, daemon=True)])
         for thread in self.threads:
             thread.start()
+        if self.board_name:
+            threading.Thread(target=self._watch_board, daemon=True).start()
+
+    def _watch_board(self) -> None:
+        from ray.exceptions import RayActorError
+
+        try:
+            board = ray.get_actor(self.board_name)
+        except ValueError:  # no board: the trial is stopped the slow way, by cleanup
+            return
+        while not self.abort.is_set() and any(t.is_alive() for t in self.threads):
+            try:
+                if ray.get(board.is_stopped.remote(self.trial_id)):
+                    self.abort.set()
+            except RayActorError:  # the sweep driver is gone
+                return
+            time.sleep(0.25)
 
     def step(self) -> dict:
         if not self.threads:
@@ -260,8 +296,9 @@ def _run_name(trial_id: str, fold: int, num_folds: int, attempt: int) -> str:
 class _PrintTrials(tune.Callback):
     """One line per finished, stopped or failed trial (Tune's own tables are off)."""
 
-    def __init__(self, cfg: Experiment, log: Callable[[str], None]):
-        self.cfg, self.log = cfg, log
+    def __init__(self, cfg: Experiment, log: Callable[[str], None], board_name: str):
+        # By name, not handle: a resumed sweep restores this callback with a new driver's board.
+        self.cfg, self.log, self.board_name = cfg, log, board_name
         self.metric, self.mode = sweep_metric(cfg)
         self.num_done = 0
 
@@ -274,6 +311,10 @@ class _PrintTrials(tune.Callback):
         self.log(f"trial {trial.trial_id} {status} at epoch {result.get('epoch', 0)}: {shown}  {values}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        try:  # at the decision: see StopBoard
+            ray.get_actor(self.board_name).stop.remote(trial.trial_id)
+        except ValueError:
+            pass
         self._line(trial, "finished" if _epochs_run(trial.last_result) >= _max_epochs(self.cfg) else "stopped")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -331,9 +372,11 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Every epoch writes a small pointer checkpoint, which Tune warns is frequent; it is cheap.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    board_name = "raytrain-kit-stops-" + hashlib.sha1(directory.encode()).hexdigest()[:16]
+    board = StopBoard.options(name=board_name, get_if_exists=True).remote()
     trainable = tune.with_resources(
         tune.with_parameters(TrialTrainable, base=trial_base(cfg, directory), data=data,
-                             parallel_folds=plan.parallel_folds),
+                             parallel_folds=plan.parallel_folds, board_name=board_name),
         TRIAL_DRIVER_RESOURCES)
     if resume:
         tuner = tune.Tuner.restore(directory, trainable, resume_unfinished=True, resume_errored=True,
@@ -347,9 +390,10 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
                 trial_dirname_creator=lambda trial: trial.trial_id),
             run_config=tune.RunConfig(
                 name=cfg.run.name, storage_path=launch.storage_root(cfg), verbose=0,
-                callbacks=[_PrintTrials(cfg, log)],
+                callbacks=[_PrintTrials(cfg, log, board_name)],
                 checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=2)))
     results = tuner.fit()
+    ray.kill(board)
     table, history = trial_table(cfg, results)
     if table.empty or table["best_value"].isna().all():
         errors = "; ".join(e for e in table.get("error", pd.Series(dtype=str)).dropna().unique()[:3]) if not table.empty else ""
