@@ -391,7 +391,11 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
             run_config=tune.RunConfig(
                 name=cfg.run.name, storage_path=launch.storage_root(cfg), verbose=0,
                 callbacks=[_PrintTrials(cfg, log, board_name)],
-                checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=1, num_to_keep=2)))
+                # PBT clones a donor's checkpoint some time after it was reported: keep them all
+                # (each is a pointer file of a few hundred bytes; the Train checkpoints are kept
+                # by trial_base).
+                checkpoint_config=tune.CheckpointConfig(
+                    checkpoint_frequency=1, num_to_keep=None if cfg.tune.scheduler == "pbt" else 2)))
     results = tuner.fit()
     ray.kill(board)
     table, history = trial_table(cfg, results)
