@@ -119,7 +119,7 @@ def path_exists(uri: str) -> bool:
     return True
 
 
-def write_run_file(uri: str, name: str, text: str) -> str:
+def write_run_file(uri: str, name: str, content: str | bytes) -> str:
     """The one writer of run-level files (driver side): temp name + rename on local disks;
     object stores make a single put atomic on their own."""
     fs, path = filesystem(uri)
@@ -127,7 +127,7 @@ def write_run_file(uri: str, name: str, text: str) -> str:
     target = f"{path}/{name}"
     tmp = f"{path}/.{name}.tmp"
     with fs.open_output_stream(tmp) as out:
-        out.write(text.encode())
+        out.write(content.encode() if isinstance(content, str) else content)
     fs.move(tmp, target)
     return f"{uri}/{name}"
 

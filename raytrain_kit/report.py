@@ -25,16 +25,6 @@ def _read(directory: str, name: str) -> bytes:
         return f.read()
 
 
-def _write(directory: str, name: str, data: bytes) -> str:
-    from raytrain_kit.launch import filesystem
-
-    fs, path = filesystem(directory)
-    with fs.open_output_stream(f"{path}/.{name}.tmp") as out:
-        out.write(data)
-    fs.move(f"{path}/.{name}.tmp", f"{path}/{name}")
-    return f"{directory}/{name}"
-
-
 def _axis_values(column: pd.Series) -> tuple[Any, list[str] | None]:
     """Numbers as they are; anything else (choices of names or lists) as category positions."""
     numeric = pd.to_numeric(column, errors="coerce")
@@ -50,8 +40,9 @@ def plot_sweep(directory: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from raytrain_kit.sweep import HISTORY_PARQUET, TRIALS_PARQUET, sweep_metric
     from raytrain_kit.config import build_experiment
+    from raytrain_kit.launch import write_run_file
+    from raytrain_kit.sweep import HISTORY_PARQUET, TRIALS_PARQUET, sweep_metric
 
     cfg = build_experiment(yaml.safe_load(_read(directory, "config.yaml")))
     metric, mode = sweep_metric(cfg)
@@ -95,4 +86,4 @@ def plot_sweep(directory: str) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    return _write(directory, SWEEP_PNG, buffer.getvalue())
+    return write_run_file(directory, SWEEP_PNG, buffer.getvalue())

@@ -465,14 +465,11 @@ def best_experiment(cfg: Experiment, table: pd.DataFrame) -> Experiment:
 def write_outputs(cfg: Experiment, directory: str, table: pd.DataFrame, history: pd.DataFrame) -> None:
     import io
 
-    fs, path = launch.filesystem(directory)
     for name, frame in ((TRIALS_PARQUET, table), (HISTORY_PARQUET, history)):
         buffer = io.BytesIO()
         # Searched values may mix types (a choice of lists): store them as text for Parquet.
         frame.astype({c: str for c in frame.columns if frame[c].dtype == object and c not in ("trial_id", "status", "error")}
                      ).to_parquet(buffer, index=False)
-        with fs.open_output_stream(f"{path}/.{name}.tmp") as out:
-            out.write(buffer.getvalue())
-        fs.move(f"{path}/.{name}.tmp", f"{path}/{name}")
+        launch.write_run_file(directory, name, buffer.getvalue())
     launch.write_run_file(directory, TRIALS_CSV, table.to_csv(index=False))
     launch.write_run_file(directory, BEST_YAML, to_yaml(best_experiment(cfg, table)))
