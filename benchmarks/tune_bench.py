@@ -2,10 +2,11 @@
 FIFO (every trial trains every epoch) and once with ASHA, in one process on one Ray.
 
 Prints the best validation accuracy of each, the epochs each trained in total, and their ratios;
-writes benchmarks/results/tune.json. The goal: ASHA within 1 point of FIFO's best accuracy while
+writes benchmarks/results/tune.json and the ASHA sweep's report pictures next to it
+(tune_asha_sweep.png, tune_asha_parallel.png). The goal: ASHA within 1 point of FIFO's best accuracy while
 training at most 40% of FIFO's epochs.
 
-    python benchmarks/tune_bench.py            # the shipped sweep: 27 trials, 9 epochs
+    python benchmarks/tune_bench.py            # the shipped sweep: 27 trials, 12 epochs
     python benchmarks/tune_bench.py --quick    # 6 trials, 4 epochs: a smoke run
 """
 
@@ -22,8 +23,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+OUT = ROOT / "benchmarks" / "results"
+
+
 def run(scheduler: str, *, storage: str, quick: bool) -> dict:
+    import shutil
+
     from raytrain_kit.config import load_experiment
+    from raytrain_kit.report import write_report
     from raytrain_kit.sweep import run_sweep
 
     overrides = {"tune.scheduler": scheduler, "run.name": f"bench_{scheduler}", "run.storage_path": storage,
@@ -33,15 +40,19 @@ def run(scheduler: str, *, storage: str, quick: bool) -> dict:
     cfg = load_experiment(ROOT / "jobs" / "sweep_digits.yaml", overrides)
     started = time.perf_counter()
     summary = run_sweep(cfg)
+    wall_s = round(time.perf_counter() - started, 1)
     table = summary["table"]
-    # Epochs the workers finished, from each trial's Train run: a stopped trial may finish the
-    # epoch it was in when the scheduler decided, which the scheduler never saw. That is compute
-    # spent, so it counts.
+    # Epochs the workers finished, from each trial's Train run, not only those the scheduler saw:
+    # any epoch a stopped trial trained past its last report is compute spent, so it counts.
     trained = sum(json.loads(p.read_text())["epochs_completed"]
                   for p in Path(summary["run_dir"]).glob("runs/*/summary.json"))
+    OUT.mkdir(parents=True, exist_ok=True)
+    for picture in write_report(summary["run_dir"]):
+        if picture.endswith(".png"):
+            shutil.copy(picture, OUT / f"tune_{scheduler}_{Path(picture).name}")
     return {"scheduler": scheduler, "best_val_accuracy": summary["best_value"],
             "epochs_trained": trained, "epochs_reported": int(table["epochs_run"].sum()), "num_trials": len(table),
-            "num_stopped": int((table["status"] == "stopped").sum()), "wall_s": round(time.perf_counter() - started, 1),
+            "num_stopped": int((table["status"] == "stopped").sum()), "wall_s": wall_s,
             "trials": table[["optim.lr", "init.scheme", "regularization.l2"]].round(12).values.tolist()}
 
 
@@ -71,8 +82,7 @@ def main() -> None:
               f"| {r['num_stopped']} | {r['wall_s']} |")
     print(f"\nASHA vs FIFO: best accuracy {-accuracy_gap * 100:+.2f} points (goal: within 1), "
           f"epochs {epoch_ratio:.2f}x (goal: <= 0.40), wall time {time_ratio:.2f}x")
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
+    out = OUT
     (out / "tune.json").write_text(json.dumps({
         "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "ray": ray.__version__},

@@ -1,8 +1,10 @@
-"""Command line: `raytrain-kit validate | check | train | tune | submit | reference`; maps errors to exit codes.
+"""Command line: `raytrain-kit validate | check | train | tune | report | submit | reference`;
+maps errors to exit codes.
 
 A `KitError` is printed as one line per problem (`error: ...`) with exit code 2 (bad input),
-3 (failed preflight) or 1 (failed run), and no traceback. Exercised by every test in
-`tests/test_cli.py` and by the README's commands.
+3 (failed preflight) or 1 (failed run), and no traceback: a failed run's first line is the
+worker's own exception, and Ray's traceback follows only with --verbose. Exercised by every test
+in `tests/test_cli.py` and by the README's commands.
 """
 
 from __future__ import annotations
@@ -20,6 +22,19 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value (dotted key, YAML value); repeatable")
 
 
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help="print only the result (and errors)")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="also show Ray's own logs, and its traceback when a run fails")
+
+
+def _verbosity(args) -> int:
+    from raytrain_kit.progress import NORMAL, QUIET, VERBOSE
+
+    return VERBOSE if getattr(args, "verbose", False) else QUIET if getattr(args, "quiet", False) else NORMAL
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raytrain-kit", description="Validated, data-parallel PyTorch training on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -30,10 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--resume", action="store_true", help="continue the run named by the config from its latest checkpoint")
+    _add_verbosity(p)
     p = sub.add_parser("tune", help="sweep the config's tune.space with Ray Tune; writes trials.csv, best.yaml, sweep.png")
     _add_config_args(p)
     p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
     p.add_argument("--resume", action="store_true", help="continue the sweep named by the config; finished trials are kept")
+    _add_verbosity(p)
+    p = sub.add_parser("report", help="draw a run's or a sweep's pictures and report.md (train and tune do it at the end)")
+    p.add_argument("directory", help="a run or sweep directory (as train or tune printed it)")
     p = sub.add_parser("check", help="run only the preflight gradient check and print its report")
     _add_config_args(p)
     p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
@@ -48,33 +67,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def format_epoch(m: dict, *, total_epochs: int) -> str:
-    parts = [f"epoch {m['epoch']:>3}/{total_epochs}", f"train_loss {m['train_loss']:.4f}"]
-    if "val_loss" in m:
-        parts.append(f"val_loss {m['val_loss']:.4f}")
-    if "val_accuracy" in m:
-        parts.append(f"val_accuracy {m['val_accuracy']:.4f}")
-    parts += [f"lr {m['lr']:.2e}", f"{m['samples_per_s']:,.0f} samples/s"]
-    if m.get("checkpoint"):
-        parts.append("[checkpoint]")
-    if m.get("nonfinite_steps"):
-        parts.append(f"[{m['nonfinite_steps']} non-finite step(s) skipped]")
-    return "  ".join(parts)
+def _report(directory: str, progress) -> None:
+    """The pictures at the end of train and tune; a run that trained is not failed by its plots."""
+    from raytrain_kit.errors import short_message
+    from raytrain_kit.report import write_report
+
+    try:
+        written = write_report(directory)
+    except Exception as e:
+        print(f"warning: report not written: {type(e).__name__}: {short_message(e)}", file=sys.stderr)
+        return
+    progress.line(f"report:        {written[-1]}")
 
 
 def _train(args) -> int:
     from raytrain_kit.config import load_experiment
-    from raytrain_kit.launch import connect, fit
+    from raytrain_kit.launch import connect, fit, run_dir
+    from raytrain_kit.progress import VERBOSE, Progress
 
     cfg = load_experiment(args.config, args.overrides)
-    connect(args.address)
-    summary = fit(cfg, resume=args.resume, log=lambda line: print(line, flush=True),
-                  on_epoch=lambda m: print(format_epoch(m, total_epochs=cfg.train.epochs), flush=True))
+    progress = Progress(total_epochs=cfg.train.epochs, verbosity=_verbosity(args))
+    connect(args.address, verbose=progress.verbosity >= VERBOSE)
+    try:
+        summary = fit(cfg, resume=args.resume, log=progress.line, on_epoch=progress.epoch,
+                      on_progress=progress.bar if progress.wants_bar else None)
+    finally:
+        progress.close()
     best = summary["best_value"]
     print(f"done: {summary['epochs_completed']} epochs, best {summary['metric']} "
           f"{best:.4f} (epoch {summary['best_epoch']})" if best is not None else "done")
     print(f"run directory: {summary['run_dir']}")
     print(f"checkpoint:    {summary['checkpoint']}")
+    _report(run_dir(cfg), progress)
     return 0
 
 
@@ -82,23 +106,23 @@ def _tune(args) -> int:
     from raytrain_kit.config import load_experiment
     from raytrain_kit.errors import ConfigError
     from raytrain_kit.launch import connect
-    from raytrain_kit.report import plot_sweep
+    from raytrain_kit.progress import VERBOSE, Progress
     from raytrain_kit.sweep import run_sweep
 
     cfg = load_experiment(args.config, args.overrides)
     if cfg.tune is None:
         raise ConfigError(f"{args.config}: no tune section; add tune.space (see the README's sweep section), "
                           "or use `raytrain-kit train` for a single run")
-    connect(args.address)
-    summary = run_sweep(cfg, resume=args.resume, log=lambda line: print(line, flush=True))
+    progress = Progress(total_epochs=cfg.train.epochs, verbosity=_verbosity(args))
+    connect(args.address, verbose=progress.verbosity >= VERBOSE)
+    summary = run_sweep(cfg, resume=args.resume, log=progress.line)
     table = summary["table"]
     shown = [c for c in ("trial_id", *cfg.tune.space, "best_value", "best_epoch", "epochs_run", "status") if c in table]
     print(f"top trials by {summary['metric']} ({summary['mode']}):")
     print(table[shown].head(5).to_string(index=False))
-    plot = plot_sweep(summary["run_dir"])
     print(f"sweep directory: {summary['run_dir']}")
     print(f"best config:     {summary['best_yaml']}  (raytrain-kit train {summary['best_yaml']})")
-    print(f"plot:            {plot}")
+    _report(summary["run_dir"], progress)
     return 0
 
 
@@ -138,6 +162,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             print(config_reference_markdown(), end="")
             return 0
+        if args.command == "report":
+            from raytrain_kit.report import write_report
+
+            for path in write_report(args.directory):
+                print(path)
+            return 0
         if args.command == "check":
             return _check(args)
         if args.command == "tune":
@@ -154,6 +184,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         if getattr(e, "details", ""):
             print(e.details, file=sys.stderr)
+        if getattr(e, "traceback", "") and _verbosity(args) >= 2:
+            print(f"\nRay's account of the failure:\n{e.traceback}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted; continue with --resume", file=sys.stderr)

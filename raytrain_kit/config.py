@@ -206,6 +206,17 @@ class RunConfig(_Section):
     """Where runs are written: a local directory (relative to the current directory) or a URI (s3://, gs://)."""
 
 
+class TrackingConfig(_Section):
+    tensorboard: bool = True
+    """Write TensorBoard event files under the run's `tensorboard/` folder: every reported metric per epoch, and the histograms below."""
+    histogram_every: int = Field(default=5, ge=0)
+    """Every this many epochs (and at the last), histograms of each layer's weights and the norm of its gradient at the epoch's last step; 0: never."""
+    mlflow_uri: Optional[str] = None
+    """MLflow tracking URI (a local `file:` store or a server); when set, each run logs its config, its metrics per epoch and its best checkpoint there, and each sweep trial is a child run. Needs `pip install 'raytrain-kit[mlflow]'`."""
+    mlflow_experiment: str = "raytrain-kit"
+    """MLflow experiment the runs are logged under."""
+
+
 class PreflightConfig(_Section):
     enabled: bool = True
     """Check the model's gradients numerically (float64, one small batch) before any training worker starts."""
@@ -227,6 +238,7 @@ UNSEARCHABLE = {
     "run": "the sweep names and places each trial's run itself",
     "preflight": "the gradient check runs once, before the sweep",
     "tune": "a sweep cannot search its own settings",
+    "tracking": "records are set for the whole sweep",
 }
 
 
@@ -339,6 +351,8 @@ class Experiment(_Section):
     """Run name and storage."""
     preflight: PreflightConfig = Field(default_factory=PreflightConfig)
     """Numerical gradient check before training."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Run records beyond metrics.csv: TensorBoard and MLflow."""
     tune: Optional[TuneConfig] = None
     """Sweep (`raytrain-kit tune`): search space, search algorithm, scheduler, cross-validation; ignored by train."""
 

@@ -46,6 +46,11 @@ class PreflightError(KitError):
 
 
 class RunError(KitError):
-    """The run itself failed (a worker raised, the cluster lost it); exit code 1."""
+    """The run itself failed (a worker raised, the cluster lost it); exit code 1. `traceback`:
+    Ray's account of the failure, which the CLI prints only with --verbose."""
 
     exit_code = 1
+
+    def __init__(self, *problems: str, traceback: str = ""):
+        super().__init__(*problems)
+        self.traceback = traceback

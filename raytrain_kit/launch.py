@@ -26,6 +26,7 @@ from raytrain_kit.data import DataSpec, build_datasets
 from raytrain_kit.errors import ConfigError, KitError, RunError, short_message
 from raytrain_kit.models import build_model
 from raytrain_kit.preflight import run_preflight
+from raytrain_kit.tracking import RunRecorder, check_tracking
 from raytrain_kit.worker import spec_to_dict, train_loop_per_worker
 
 SUMMARY_FILE = "summary.json"
@@ -39,8 +40,10 @@ CONFIG_FILE = "config.yaml"
 # Ray and storage
 
 
-def connect(address: Optional[str] = None) -> None:
-    """Join `address`, else RAY_ADDRESS (set by `ray job submit`), else start an embedded Ray."""
+def connect(address: Optional[str] = None, *, verbose: bool = False) -> None:
+    """Join `address`, else RAY_ADDRESS (set by `ray job submit`), else start an embedded Ray.
+    Ray's own log stream (its actors' and workers' output, which reprints every traceback) reaches
+    this process only when `verbose`: the kit prints progress and worker errors itself."""
     if ray.is_initialized():
         return
     # Ray Data's per-dataset log lines and progress bars drown the one line per epoch we print;
@@ -52,7 +55,8 @@ def connect(address: Optional[str] = None) -> None:
     # epochs were paying 2 s each. Train propagates this variable to the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)  # a notice, not a problem
-    quiet = dict(logging_level=logging.WARNING, configure_logging=True)
+    quiet = dict(logging_level=logging.INFO if verbose else logging.WARNING, configure_logging=True,
+                 log_to_driver=verbose)
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **quiet)
     else:
@@ -123,13 +127,19 @@ def write_run_file(uri: str, name: str, content: str | bytes) -> str:
     """The one writer of run-level files (driver side): temp name + rename on local disks;
     object stores make a single put atomic on their own."""
     fs, path = filesystem(uri)
-    fs.create_dir(path, recursive=True)
-    target = f"{path}/{name}"
-    tmp = f"{path}/.{name}.tmp"
+    folder, _, base = f"{path}/{name}".rpartition("/")
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.{base}.tmp"
     with fs.open_output_stream(tmp) as out:
         out.write(content.encode() if isinstance(content, str) else content)
-    fs.move(tmp, target)
+    fs.move(tmp, f"{folder}/{base}")
     return f"{uri}/{name}"
+
+
+def read_run_file(uri: str, name: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(f"{path}/{name}") as f:
+        return f.read()
 
 
 def read_history(checkpoint_uri: str) -> list[dict]:
@@ -157,9 +167,11 @@ class _ForwardReports(UserCallback):
         self.queue.put(dict(metrics[0], checkpoint=checkpoint.path if checkpoint else None))
 
 
-def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event, abort: threading.Event) -> None:
-    """Forward reports to `on_epoch` until `stop`; once `abort` is set, ask Ray Train's controller
-    to abort the run (workers shut down cleanly, the placement group is freed)."""
+def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event, abort: threading.Event,
+            on_progress: Optional[Callable[[dict], None]] = None) -> None:
+    """Forward reports to `on_epoch` (and rank 0's in-epoch progress to `on_progress`) until
+    `stop`; once `abort` is set, ask Ray Train's controller to abort the run (workers shut down
+    cleanly, the placement group is freed)."""
     from ray.exceptions import RayActorError
     from ray.util.queue import Empty
 
@@ -178,6 +190,9 @@ def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event, abor
             return
         if "controller" in message:
             controller = message["controller"]
+        elif "progress" in message:
+            if on_progress and not aborted:
+                on_progress(message["progress"])
         elif not aborted:
             on_epoch(message)
 
@@ -238,12 +253,14 @@ def check_resources(cfg: Experiment) -> None:
 
 
 def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=(),
-                  init_checkpoint: Optional[str] = None) -> TorchTrainer:
+                  init_checkpoint: Optional[str] = None, gate: Optional[dict] = None,
+                  progress=None) -> TorchTrainer:
     s = cfg.scaling
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "spec": spec_to_dict(spec),
-                           "init_checkpoint": init_checkpoint},
+                           "init_checkpoint": init_checkpoint, "gate": gate, "run_dir": run_dir(cfg),
+                           "progress": progress},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
         run_config=RunConfig(
@@ -283,11 +300,16 @@ def summarize(cfg: Experiment, history: list[dict], *, status: str, error: Optio
 
 def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[dict], None]] = None,
         datasets_and_spec: Optional[tuple[dict, DataSpec]] = None, init_checkpoint: Optional[str] = None,
-        abort: Optional[threading.Event] = None, log: Callable[[str], None] = lambda line: None) -> dict:
+        abort: Optional[threading.Event] = None, gate: Optional[dict] = None,
+        on_progress: Optional[Callable[[dict], None]] = None, parent_mlflow_run: Optional[str] = None,
+        log: Callable[[str], None] = lambda line: None) -> dict:
     """Train the experiment; returns (and writes) the run summary. Raises KitError subclasses.
     `init_checkpoint`: another run's checkpoint to start from (a sweep trial's clone or resume).
     `abort`: set it to end the run early and cleanly (a sweep scheduler stopping a trial); the
-    summary then says "stopped"."""
+    summary then says "stopped". `gate`: epochs after which the workers wait for a sweep
+    scheduler's decision (see `worker.wait_at_gate`). `on_progress`: rank 0's in-epoch progress
+    (a progress bar). The run's records (metrics.csv, TensorBoard, MLflow) are written as the
+    reports arrive; `parent_mlflow_run` makes the MLflow run a sweep's child."""
     import json
 
     from ray.util.queue import Queue
@@ -302,6 +324,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
         raise ConfigError(f"--resume: no run {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
     check_resources(cfg)
     check_shared_storage(cfg)
+    check_tracking(cfg)
     datasets, spec = datasets_and_spec or build_datasets(cfg)
     # Build the model once here: a bad custom target or an input shape the architecture cannot
     # take fails now, with a config error, instead of inside every worker.
@@ -321,21 +344,28 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()
     reports: list[dict] = []
+    recorder = RunRecorder(cfg, directory, resume=resume, parent_mlflow_run=parent_mlflow_run)
 
     def forward(metrics: dict) -> None:
         reports.append(metrics)
+        try:
+            recorder.on_epoch(metrics)
+        except Exception as e:  # a record that cannot be written must not end the training
+            log(f"warning: run records: {type(e).__name__}: {short_message(e)}")
         if on_epoch:
             on_epoch(metrics)
 
     abort = abort or threading.Event()
-    follower = threading.Thread(target=_follow, args=(queue, forward, stop, abort), daemon=True)
+    follower = threading.Thread(target=_follow, args=(queue, forward, stop, abort, on_progress), daemon=True)
     follower.start()
-    trainer = build_trainer(cfg, datasets, spec, callbacks=[_ForwardReports(queue)], init_checkpoint=init_checkpoint)
-    error = None
+    trainer = build_trainer(cfg, datasets, spec, callbacks=[_ForwardReports(queue)], init_checkpoint=init_checkpoint,
+                            gate=gate, progress=queue if on_progress else None)
+    error, details = None, ""
+    fit_started = time.time()
     try:
         trainer.fit()
     except Exception as e:  # TrainingFailedError and friends: report the worker's own error
-        error = _worker_error(e)
+        error, details = _worker_error(e, directory, since=fit_started), _traceback_text(e)
     finally:
         stop.set()
         follower.join(timeout=10)
@@ -345,20 +375,21 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
         error = None  # the run ended because it was asked to
     if not error and reports and reports[-1].get("nonfinite_stop"):
         last = reports[-1]
-        error = (f"the loss or its gradients became NaN/inf in epoch {last['epoch']} "
+        error = [f"the loss or its gradients became NaN/inf in epoch {last['epoch']} "
                  f"({last['nonfinite_steps']} non-finite step(s), train.on_nonfinite: {cfg.train.on_nonfinite}); "
                  "the latest good checkpoint is kept as the result; lower optim.lr, clip gradients "
-                 "(regularization.grad_clip_norm) or set train.on_nonfinite: skip or rollback")
+                 "(regularization.grad_clip_norm) or set train.on_nonfinite: skip or rollback"]
     remove_orphan_checkpoints(directory)
     kept = checkpoint_dirs(directory)
     # The latest checkpoint holds every epoch's metrics up to it, across resumes.
     history = read_history(kept[max(kept)]) if kept else []
     status = "failed" if error else "stopped" if abort.is_set() and len(history) < cfg.train.epochs else "finished"
-    summary = summarize(cfg, history, status=status, error=error,
+    summary = summarize(cfg, history, status=status, error="; ".join(error) if error else None,
                         wall_s=time.perf_counter() - started)
     write_run_file(directory, SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
+    recorder.close(summary)
     if error:
-        raise RunError(f"run {cfg.run.name!r} failed: {error}; summary at {directory}/{SUMMARY_FILE}")
+        raise RunError(*error, f"run {cfg.run.name!r} failed; summary at {directory}/{SUMMARY_FILE}", traceback=details)
     return summary
 
 
@@ -405,10 +436,35 @@ def remove_orphan_checkpoints(directory: str) -> list[str]:
     return orphans
 
 
-def _worker_error(error: Exception) -> str:
+def worker_failures(directory: str, *, since: float = 0.0) -> list[dict]:
+    """The failure records workers wrote (`worker.write_failure`) since `since`, lowest rank first."""
+    import json
+
+    fs, path = filesystem(f"{directory}/logs")
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    records = [json.loads(read_run_file(f"{directory}/logs", i.base_name))
+               for i in fs.get_file_info(pafs.FileSelector(path)) if i.base_name.endswith("_error.json")]
+    return sorted((r for r in records if r.get("time", 0) >= since), key=lambda r: r["rank"])
+
+
+def _worker_error(error: Exception, directory: str, *, since: float) -> list[str]:
+    """What the user reads first: the worker's own exception, where it happened, and its log;
+    Ray's wrapping (TrainingFailedError, the actor's traceback) only under --verbose."""
+    records = worker_failures(directory, since=since)
+    if records:
+        r = records[0]
+        where = f"rank {r['rank']} on node {r['node']}" + (f", epoch {r['epoch']}, step {r['step']}" if r["epoch"] else "")
+        return [f"{r['type']}: {r['message'][:300]} ({where})", f"full log of worker rank {r['rank']}: {r['log']}"]
     failures = getattr(error, "worker_failures", None) or {}
     for rank, failure in sorted(failures.items()):
         cause = getattr(failure, "cause", None) or failure
-        return f"worker {rank}: {type(cause).__name__}: {short_message(cause, last_line=True)}"
-    return f"{type(error).__name__}: {short_message(error, last_line=True)}"
+        return [f"{type(cause).__name__}: {short_message(cause, last_line=True)} (rank {rank})"]
+    return [f"{type(error).__name__}: {short_message(error, last_line=True)}"]
+
+
+def _traceback_text(error: BaseException) -> str:
+    import traceback
+
+    return "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
 

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,7 @@ from raytrain_kit.config import Experiment, SearchDomain, to_yaml, with_override
 from raytrain_kit.data import DataSpec, build_datasets, build_folds
 from raytrain_kit.errors import ConfigError, RunError, short_message
 from raytrain_kit.preflight import run_preflight
+from raytrain_kit.tracking import check_tracking, end_mlflow_run, start_mlflow_run
 
 TRIALS_CSV, TRIALS_PARQUET, HISTORY_PARQUET, BEST_YAML = "trials.csv", "trials.parquet", "history.parquet", "best.yaml"
 POINTER_FILE = "train_checkpoints.json"
@@ -167,12 +168,39 @@ class StopBoard:
 
     def __init__(self):
         self.stopped: set[str] = set()
+        self.allowed: dict[str, int] = {}  # trial -> the last epoch the scheduler let it pass
 
     def stop(self, trial_id: str) -> None:
         self.stopped.add(trial_id)
 
     def is_stopped(self, trial_id: str) -> bool:
         return trial_id in self.stopped
+
+    def allow(self, trial_id: str, epoch: int) -> None:
+        self.allowed[trial_id] = max(epoch, self.allowed.get(trial_id, 0))
+
+    def decision(self, trial_id: str, epoch: int) -> Optional[str]:
+        """For a worker waiting at a gate epoch: "stop", "go", or None (not decided yet)."""
+        if trial_id in self.stopped:
+            return "stop"
+        return "go" if self.allowed.get(trial_id, 0) >= epoch else None
+
+
+def gate_epochs(cfg: Experiment) -> list[int]:
+    """The epochs after which ASHA may stop a trial (its rungs, and max_epochs when it ends
+    before train.epochs). Workers wait there for the decision instead of training an epoch the
+    scheduler may throw away; at every other epoch ASHA always lets a trial go on."""
+    t = cfg.tune
+    if t is None or t.scheduler != "asha":
+        return []
+    max_t = min(t.max_epochs or cfg.train.epochs, cfg.train.epochs)
+    gates, rung = set(), t.grace_period
+    while rung < max_t:
+        gates.add(rung)
+        rung *= t.reduction_factor
+    if max_t < cfg.train.epochs:
+        gates.add(max_t)
+    return sorted(gates)
 
 
 class TrialTrainable(tune.Trainable):
@@ -183,7 +211,7 @@ class TrialTrainable(tune.Trainable):
     function) instead of leaving them to die with the trial's process."""
 
     def setup(self, config: dict, *, base: Experiment, data: list[tuple[dict, DataSpec]], parallel_folds: bool,
-              board_name: Optional[str] = None):
+              board_name: Optional[str] = None, gates: Sequence[int] = (), mlflow_parent: Optional[str] = None):
         import logging
 
         # Ray logs each persisted checkpoint at INFO; the sweep prints one line per trial.
@@ -191,6 +219,8 @@ class TrialTrainable(tune.Trainable):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.cfg = with_overrides(base, config)  # the same override path as --set
         self.data, self.parallel_folds, self.board_name = data, parallel_folds, board_name
+        self.mlflow_parent = mlflow_parent
+        self.gate = {"board": board_name, "trial": self.trial_id, "epochs": list(gates)} if board_name and gates else None
         self.num_folds = len(data)
         self.starts: Optional[list[str]] = None  # checkpoints to continue from (resume, PBT clone)
         self.latest: Optional[list[str]] = None  # this trial's latest Train checkpoint per fold
@@ -210,7 +240,8 @@ class TrialTrainable(tune.Trainable):
         def train_fold(i: int) -> None:
             fold_cfg = with_overrides(self.cfg, {"run.name": _run_name(self.trial_id, i, self.num_folds, attempt)})
             try:
-                summary = launch.fit(fold_cfg, datasets_and_spec=self.data[i], abort=self.abort,
+                summary = launch.fit(fold_cfg, datasets_and_spec=self.data[i], abort=self.abort, gate=self.gate,
+                                     parent_mlflow_run=self.mlflow_parent,
                                      init_checkpoint=self.starts[i] if self.starts else None,
                                      on_epoch=lambda m: self.events.put(("epoch", i, m)))
                 self.events.put(("done", i, summary))
@@ -247,6 +278,13 @@ class TrialTrainable(tune.Trainable):
     def step(self) -> dict:
         if not self.threads:
             self._start()
+        elif self.gate and self.last:
+            # Tune asks for the next result only when its scheduler let the last one go on:
+            # that is the go-ahead for workers waiting at a gate epoch.
+            try:
+                ray.get_actor(self.board_name).allow.remote(self.trial_id, int(self.last["epoch"]))
+            except ValueError:  # the board is gone with its driver: workers pass their gates alone
+                pass
         final: Optional[dict] = None
         while True:
             kind, fold, payload = self.events.get()
@@ -372,11 +410,15 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Every epoch writes a small pointer checkpoint, which Tune warns is frequent; it is cheap.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    check_tracking(cfg)
+    # Each trial's run (each fold's) is an MLflow child of the sweep's run.
+    mlflow_parent = start_mlflow_run(cfg, resume=resume) if cfg.tracking.mlflow_uri else None
     board_name = "raytrain-kit-stops-" + hashlib.sha1(directory.encode()).hexdigest()[:16]
     board = StopBoard.options(name=board_name, get_if_exists=True).remote()
     trainable = tune.with_resources(
         tune.with_parameters(TrialTrainable, base=trial_base(cfg, directory), data=data,
-                             parallel_folds=plan.parallel_folds, board_name=board_name),
+                             parallel_folds=plan.parallel_folds, board_name=board_name, gates=gate_epochs(cfg),
+                             mlflow_parent=mlflow_parent),
         TRIAL_DRIVER_RESOURCES)
     if resume:
         tuner = tune.Tuner.restore(directory, trainable, resume_unfinished=True, resume_errored=True,
@@ -404,6 +446,9 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
         raise RunError(f"sweep {cfg.run.name!r}: no trial reported {metric}" + (f" ({errors})" if errors else ""))
     write_outputs(cfg, directory, table, history)
     best = table.iloc[0]
+    if mlflow_parent:
+        end_mlflow_run(cfg, mlflow_parent, {"status": "finished", "metric": metric, "best_value": float(best["best_value"])},
+                       artifacts=[f"{directory}/{TRIALS_CSV}", f"{directory}/{BEST_YAML}"])
     return {"run_dir": directory, "metric": metric, "mode": mode, "num_trials": len(table),
             "best_trial": best["trial_id"], "best_value": float(best["best_value"]),
             "best_config": {k: _plain(best[k]) for k in cfg.tune.space},

@@ -16,7 +16,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -30,6 +30,7 @@ from raytrain_kit.models import build_model
 from raytrain_kit.optim import (apply_decoupled_weight_decay, build_optimizer, build_scheduler,
                                 current_lr, load_scheduler_state, penalty,
                                 scheduler_state)
+from raytrain_kit.tracking import HISTOGRAMS, histogram_epoch, layer_histograms
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -86,29 +87,73 @@ class EpochResult:
     num_steps: int  # optimizer steps taken
     num_nonfinite: int = 0  # steps whose loss or gradients were NaN/inf (skipped, never applied)
     stopped: bool = False  # a non-finite step ended the epoch (on_nonfinite: stop or rollback)
+    data_s: float = 0.0  # waiting for the next batch
+    compute_s: float = 0.0  # forward, backward and the optimizer step
+    sync_s: float = 0.0  # gradient all-reduce not hidden behind backward (see SyncTimer)
+
+
+class SyncTimer:
+    """Measures the part of DDP's gradient all-reduce that backward does not hide.
+
+    Registered as DDP's communication hook, it launches the same all-reduce as DDP's default and
+    notes when the last bucket was launched: that is when this rank's backward compute ended.
+    Whatever `backward()` takes after that is waiting for the other ranks and the network.
+    """
+
+    def __init__(self):
+        self.last_launch: Optional[float] = None
+
+    def register(self, ddp_model) -> "SyncTimer":
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        def timed_allreduce(state, bucket):
+            self.last_launch = time.perf_counter()
+            return default_hooks.allreduce_hook(state, bucket)
+
+        ddp_model.register_comm_hook(state=None, hook=timed_allreduce)
+        return self
+
+    def exposed_since(self, backward_end: float) -> float:
+        launched, self.last_launch = self.last_launch, None
+        return max(0.0, backward_end - launched) if launched is not None else 0.0
 
 
 def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
                 optimizer: torch.optim.Optimizer, scheduler=None, penalty_model: Optional[nn.Module] = None,
-                nonfinite_budget: int = 0) -> EpochResult:
+                nonfinite_budget: int = 0, sync_timer: Optional[SyncTimer] = None,
+                on_batch: Optional[Callable[[int, int, float], None]] = None) -> EpochResult:
     """One pass: loss (+ L1/L2 penalty) -> backward -> clip -> decoupled decay -> step.
 
     `penalty_model` is the unwrapped model whose weights are penalized (DDP's `.module`). A step
     whose gradients are not finite is never applied; under `train.on_nonfinite: skip` the epoch
     goes on while fewer than `nonfinite_budget` such steps were seen, otherwise it stops there.
     DDP has already averaged the gradients, so every rank takes the same decision.
+    Times the epoch into data / compute / sync seconds; `on_batch(batches, samples, loss)`
+    after every batch feeds a progress bar.
     """
     classification = cfg.data.task == "classification"
     reg = cfg.regularization
     penalized = penalty_model if penalty_model is not None else model
     result = EpochResult(EpochSums(), 0)
     model.train()
-    for x, y in batches:
+    started = time.perf_counter()
+    num_batches = 0
+    it = iter(batches)
+    while True:
+        waited = time.perf_counter()
+        try:
+            x, y = next(it)
+        except StopIteration:
+            break
+        result.data_s += time.perf_counter() - waited
+        num_batches += 1
         outputs = model(x)
         loss = loss_for(outputs, y, classification=classification)
         total = loss + penalty(penalized, l1=reg.l1, l2=reg.l2) if (reg.l1 or reg.l2) else loss
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        if sync_timer is not None:
+            result.sync_s += sync_timer.exposed_since(time.perf_counter())
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), reg.grad_clip_norm or math.inf)
         if not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
@@ -123,6 +168,9 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
             scheduler.step()
         result.sums.add(loss, outputs, y, classification)
         result.num_steps += 1
+        if on_batch is not None:
+            on_batch(num_batches, int(result.sums.samples), result.sums.loss / max(result.sums.samples, 1))
+    result.compute_s = max(0.0, time.perf_counter() - started - result.data_s - result.sync_s)
     return result
 
 
@@ -216,15 +264,57 @@ def apply_hyperparameters(optimizer, scheduler, cfg) -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Runs in every Train worker. `loop_config` holds the experiment and the data spec as dicts."""
+    """Runs in every Train worker. `loop_config` holds the experiment and the data spec as dicts,
+    and the run directory where a failing worker leaves its error (see `write_failure`)."""
     import ray.train
-    import ray.train.torch
 
     # Ray Train logs every report at INFO on each worker, under a logger named after its file
     # path; the driver prints one line per epoch instead.
     from ray.train.v2._internal.execution import context as train_context
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    rank = ray.train.get_context().get_world_rank()
+    where = {"epoch": None, "step": None}
+    try:
+        _train_loop(loop_config, where)
+    except Exception as e:
+        if loop_config.get("run_dir"):
+            write_failure(loop_config["run_dir"], e, rank=rank, epoch=where["epoch"], step=where["step"])
+        raise
+
+
+def failure_log_name(rank: int) -> str:
+    return f"logs/rank{rank}.log"
+
+
+def write_failure(run_dir: str, error: BaseException, *, rank: int, epoch: Optional[int], step: Optional[int]) -> None:
+    """The worker's own account of its failure, in the run directory (shared storage, so the
+    driver reads it whichever node the worker ran on): `logs/rankN.log` with the full traceback,
+    and `logs/rankN_error.json` with what the CLI prints first. Ray's exception chain, which
+    wraps and reprints this, is shown only with --verbose."""
+    import json
+    import traceback
+
+    import ray
+
+    from raytrain_kit.launch import write_run_file
+
+    record = {"type": type(error).__name__, "message": str(error).strip().splitlines()[0] if str(error).strip() else "",
+              "rank": rank, "node": ray.util.get_node_ip_address(), "epoch": epoch, "step": step,
+              "time": time.time(), "log": f"{run_dir}/{failure_log_name(rank)}"}
+    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    try:
+        write_run_file(run_dir, failure_log_name(rank),
+                       f"worker rank {rank} on node {record['node']}, epoch {epoch}, step {step}\n\n{text}")
+        write_run_file(run_dir, f"logs/rank{rank}_error.json", json.dumps(record))
+    except Exception:  # never hide the worker's own error behind one about its log
+        pass
+
+
+def _train_loop(loop_config: dict, where: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
     cfg = build_experiment(loop_config["experiment"])
     spec = spec_from_dict(loop_config["spec"])
     context = ray.train.get_context()
@@ -242,6 +332,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     start_epoch, step, history = _restore(model, optimizer, scheduler, rank=rank, cfg=cfg,
                                          init_checkpoint=loop_config.get("init_checkpoint"))
     ddp_model = ray.train.torch.prepare_model(model) if world_size > 1 else model
+    sync_timer = SyncTimer().register(ddp_model) if world_size > 1 else None
+    progress = loop_config.get("progress") if rank == 0 else None
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -255,6 +347,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     num_nonfinite = 0
     epoch = start_epoch
     while epoch < cfg.train.epochs:
+        where["epoch"], where["step"] = epoch + 1, step + 1  # the step being taken
         started = time.perf_counter()
         if cfg.data.in_memory:
             generator = epoch_generator(cfg.train.seed, epoch * world_size + rank) if cfg.data.shuffle else None
@@ -264,8 +357,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             train_batches = _streamed(train_shard, dtypes=dtypes, shape=spec.input_shape,
                                       batch_size=cfg.train.batch_size, shuffle_seed=seed)
         lr = current_lr(optimizer)
+        on_batch = _progress_sender(progress, epoch=epoch + 1, num_batches=steps_per_epoch, world_size=world_size,
+                                    where=where, first_step=step)
         result = train_epoch(ddp_model, train_batches, cfg=cfg, optimizer=optimizer, scheduler=scheduler,
-                             penalty_model=model, nonfinite_budget=cfg.train.max_skipped_steps - num_nonfinite)
+                             penalty_model=model, nonfinite_budget=cfg.train.max_skipped_steps - num_nonfinite,
+                             sync_timer=sync_timer, on_batch=on_batch)
         num_nonfinite += result.num_nonfinite
         step += result.num_steps
         sums = result.sums.all_reduce()
@@ -273,6 +369,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {"epoch": epoch + 1, "step": step, "lr": lr,
                    "train_loss": sums.loss / sums.samples if sums.samples else float("nan"),
                    "samples_per_s": sums.samples / max(seconds, 1e-9), "epoch_s": seconds,
+                   "data_s": result.data_s, "compute_s": result.compute_s, "sync_s": result.sync_s,
                    "nonfinite_steps": num_nonfinite}
         if classification:
             metrics["train_accuracy"] = sums.correct / sums.samples if sums.samples else float("nan")
@@ -307,23 +404,75 @@ def train_loop_per_worker(loop_config: dict) -> None:
         history.append(metrics)
         epoch += 1
 
+        reported = metrics
+        if rank == 0 and cfg.tracking.tensorboard and histogram_epoch(cfg, epoch):
+            reported = {**metrics, HISTOGRAMS: layer_histograms(model)}  # for TensorBoard, not the history
         if not save:
-            ray.train.report(metrics)
-            continue
-        if rollback:
-            last_good = _snapshot(model, optimizer, scheduler, epoch=epoch - 1, step=step)
-        directory = Path(tempfile.mkdtemp(prefix="raytrain-kit-ckpt-"))
+            ray.train.report(reported)
+        else:
+            if rollback:
+                last_good = _snapshot(model, optimizer, scheduler, epoch=epoch - 1, step=step)
+            directory = Path(tempfile.mkdtemp(prefix="raytrain-kit-ckpt-"))
+            try:
+                train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler_state(scheduler),
+                               "epoch": epoch - 1, "step": step}
+                ckpt.write_checkpoint(directory, rank=rank,
+                                      model_state=model.state_dict() if rank == 0 else None,
+                                      train_state=train_state if rank == 0 else None,
+                                      history=history if rank == 0 else None)
+                ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
+                                 checkpoint_dir_name=f"{ckpt.CHECKPOINT_PREFIX}{epoch:04d}")
+            finally:
+                shutil.rmtree(directory, ignore_errors=True)
+        if not last:
+            wait_at_gate(loop_config.get("gate"), epoch)
+
+
+def _progress_sender(progress: Optional[Any], *, epoch: int, num_batches: int, world_size: int, where: dict, first_step: int,
+                     every_s: float = 0.5) -> Callable[[int, int, float], None]:
+    """Keeps `where` (for a failure record) at the step being taken, and sends rank 0's in-epoch
+    progress, at most every `every_s`, to the driver's progress bar (the run's report queue;
+    sent without waiting, so training never blocks on the driver)."""
+    started = time.perf_counter()
+    last = [0.0]
+
+    def on_batch(batches: int, samples: int, loss: float) -> None:
+        where["step"] = first_step + batches + 1
+        if progress is None:
+            return
+        now = time.perf_counter()
+        if now - last[0] < every_s and batches < num_batches:
+            return
+        last[0] = now
+        progress.actor.put_nowait.remote({"progress": {
+            "epoch": epoch, "batch": batches, "num_batches": num_batches, "samples": samples * world_size,
+            "loss": loss, "elapsed_s": now - started}})
+
+    return on_batch
+
+
+def wait_at_gate(gate: Optional[dict], epoch: int, *, poll_s: float = 0.05, patience_s: float = 600.0) -> None:
+    """In a sweep under ASHA, wait after a rung epoch until the scheduler has decided: "go" on,
+    or "stop" (the trial then aborts this run, so we wait to be ended). Without the wait, a trial
+    trains one more epoch while its result travels to the scheduler, and a stopped trial throws
+    it away. A board that is gone, or no decision within `patience_s`, lets training go on."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    if not gate or epoch not in gate["epochs"]:
+        return
+    try:
+        board = ray.get_actor(gate["board"])
+    except ValueError:
+        return
+    deadline = time.monotonic() + patience_s
+    while time.monotonic() < deadline:
         try:
-            train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler_state(scheduler),
-                           "epoch": epoch - 1, "step": step}
-            ckpt.write_checkpoint(directory, rank=rank,
-                                  model_state=model.state_dict() if rank == 0 else None,
-                                  train_state=train_state if rank == 0 else None,
-                                  history=history if rank == 0 else None)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
-                             checkpoint_dir_name=f"{ckpt.CHECKPOINT_PREFIX}{epoch:04d}")
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
+            if ray.get(board.decision.remote(gate["trial"], epoch)) == "go":
+                return
+        except RayActorError:
+            return
+        time.sleep(poll_s)
 
 
 def _snapshot(model: nn.Module, optimizer, scheduler, *, epoch: int = -1, step: int = 0) -> dict:

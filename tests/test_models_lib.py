@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import builtins
+
 import torch
 from torch import nn
 
 
 class FailingMLP(nn.Module):
     """An MLP with dropout that raises on its `fail_at_step`-th training forward (1-based):
-    a worker dying mid-run, deterministically."""
+    a worker dying mid-run, deterministically. `error`: the builtin exception class it raises,
+    with `message` (default: the step it failed at)."""
 
-    def __init__(self, spec, hidden: int = 32, dropout: float = 0.2, fail_at_step=None):
+    def __init__(self, spec, hidden: int = 32, dropout: float = 0.2, fail_at_step=None, error: str = "RuntimeError",
+                 message=None):
         super().__init__()
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(spec.num_features, hidden), nn.ReLU(),
                                  nn.Dropout(dropout), nn.Linear(hidden, spec.num_outputs))
         self.fail_at_step = fail_at_step
+        self.error, self.message = getattr(builtins, error), message
         self.num_train_forwards = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.num_train_forwards += 1
             if self.fail_at_step is not None and self.num_train_forwards >= self.fail_at_step:
-                raise RuntimeError(f"injected failure at training step {self.num_train_forwards}")
+                raise self.error(self.message or f"injected failure at training step {self.num_train_forwards}")
         return self.net(x)
 
 

@@ -20,8 +20,9 @@ from raytrain_kit.data import assign_folds, build_datasets, build_folds, row_key
 from raytrain_kit.errors import ConfigError
 from raytrain_kit.launch import fit
 from raytrain_kit.optim import build_optimizer, build_scheduler
-from raytrain_kit.sweep import aggregate_folds, plan_resources, run_sweep
+from raytrain_kit.sweep import aggregate_folds, gate_epochs, plan_resources, run_sweep
 from raytrain_kit.worker import apply_hyperparameters
+from records import assert_picture
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = {"optim.lr": {"loguniform": [1.0e-3, 3.0e-2]}}
@@ -123,6 +124,15 @@ def test_resource_plan_packs_trials_without_overcommitting():
     assert _plan(2, max_concurrent=3, can_grow=True).max_concurrent_trials == 3  # an autoscaling cluster
 
 
+def test_workers_wait_only_at_the_epochs_where_asha_decides():
+    def gates(epochs, **tune):
+        return gate_epochs(build_experiment({**SMALL, "train": {"epochs": epochs},
+                                             "tune": {"space": SPACE, "scheduler": "asha", **tune}}))
+    assert gates(9, grace_period=1, reduction_factor=3) == [1, 3]  # 9 is the last epoch: no decision after it
+    assert gates(20, grace_period=2, reduction_factor=2, max_epochs=12) == [2, 4, 8, 12]  # ASHA ends trials at 12
+    assert gates(9, grace_period=1, reduction_factor=3, scheduler="fifo") == []
+
+
 def test_cloned_checkpoint_takes_the_new_lr_and_decay_at_the_same_schedule_position():
     base = {**SMALL, "optim": {"name": "adamw", "lr": 0.01}, "regularization": {"weight_decay": 0.1},
             "schedule": {"kind": "exponential", "decay_steps": 10, "decay_rate": 0.5}}
@@ -191,8 +201,12 @@ def _full_cpus_return(ray, deadline_s=60) -> float:
     return ray.available_resources().get("CPU", 0) - total
 
 
-def test_asha_sweep_frees_every_cpu_and_best_yaml_trains_to_the_best_metric(ray_session, tmp_path):
+def test_asha_sweep_frees_every_cpu_reports_and_best_yaml_trains_to_the_best_metric(ray_session, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    store = f"file:{tmp_path / 'mlruns'}"
     cfg = build_experiment({**SMALL, "run": {"name": "asha", "storage_path": str(tmp_path / "runs")},
+                            "tracking": {"mlflow_uri": store},
                             "tune": {"space": {"optim.lr": {"loguniform": [1e-4, 3e-2]},
                                                "init.scheme": {"choice": ["kaiming_normal", "xavier_uniform"]}},
                                      "num_samples": 4, "scheduler": "asha", "grace_period": 1, "reduction_factor": 3}})
@@ -207,12 +221,29 @@ def test_asha_sweep_frees_every_cpu_and_best_yaml_trains_to_the_best_metric(ray_
     assert set(table["status"]) <= {"finished", "stopped"} and (table["status"] == "stopped").any()
     assert (table.loc[table["status"] == "stopped", "epochs_run"] < 3).all()
     assert (table.loc[table["status"] == "finished", "epochs_run"] == 3).all()
+    # Workers wait at a rung for the decision, so a stopped trial trained no epoch past it.
+    trained = {tid: json.loads((sweep_dir / "runs" / tid / "summary.json").read_text())["epochs_completed"]
+               for tid in table["trial_id"]}
+    assert trained == dict(zip(table["trial_id"], table["epochs_run"]))
     assert table["best_value"].is_monotonic_decreasing and summary["best_value"] == table["best_value"].iloc[0]
     assert pd.read_parquet(sweep_dir / "trials.parquet")["trial_id"].tolist() == table["trial_id"].tolist()
     assert sum(line.startswith("trial ") for line in lines) == 4
-    assert (sweep_dir / "sweep.png").exists() is False  # the CLI draws it (report), run_sweep only writes data
-
     best = table.iloc[0]
+    # Every trial is an MLflow child of the sweep's run.
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("raytrain-kit").experiment_id])
+    (parent,) = [r for r in runs if r.info.run_name == "asha"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in children) == sorted(table["trial_id"])
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(summary["best_value"])
+
+    assert not (sweep_dir / "sweep.png").exists()  # the CLI draws it (report), run_sweep only writes data
+    assert main(["report", str(sweep_dir)]) == 0
+    for picture in ("sweep.png", "parallel.png"):
+        assert_picture(sweep_dir / picture)
+    report = (sweep_dir / "report.md").read_text()
+    assert "](sweep.png)" in report and "](parallel.png)" in report and best["trial_id"] in report
+
     best_cfg = load_experiment(sweep_dir / "best.yaml")
     assert best_cfg.tune is None and best_cfg.run.name == "asha-best"
     assert best_cfg.optim.lr == pytest.approx(best["optim.lr"]) and best_cfg.init.scheme == best["init.scheme"]

@@ -1,0 +1,228 @@
+"""Run records, written by the driver from each epoch's report: `metrics.csv`, TensorBoard event
+files, and (when `tracking.mlflow_uri` is set) an MLflow run.
+
+The driver writes them, not the workers: it already receives every epoch's metrics from Ray
+Train, so a run leaves one consistent record wherever its workers ran, and a resumed run
+continues the same files. Rank 0 adds the histograms (weights, gradient norms) to the reports
+it makes on `tracking.histogram_every` epochs. Exercised by `raytrain-kit train jobs/digits.yaml`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Optional, Sequence
+
+from raytrain_kit.config import Experiment
+from raytrain_kit.errors import ConfigError, short_message
+
+METRICS_CSV = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"
+HISTOGRAMS = "histograms"  # the report key rank 0 fills on histogram epochs
+NUM_BINS = 30
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure parts: what the worker computes, and how a report becomes a row
+
+
+def histogram_epoch(cfg: Experiment, epoch: int) -> bool:
+    every = cfg.tracking.histogram_every
+    return bool(every) and (epoch % every == 0 or epoch == cfg.train.epochs)
+
+
+def layer_histograms(model) -> dict[str, dict]:
+    """Per parameter tensor: a histogram of its values (TensorBoard's raw form) and the norm of
+    its current gradient (the epoch's last step); small enough to travel in a report."""
+    import numpy as np
+
+    out: dict[str, dict] = {}
+    for name, p in model.named_parameters():
+        values = p.detach().float().cpu().numpy().ravel().astype(np.float64)
+        counts, edges = np.histogram(values, bins=NUM_BINS)
+        out[name] = {"min": float(values.min()), "max": float(values.max()), "num": int(values.size),
+                     "sum": float(values.sum()), "sum_squares": float((values ** 2).sum()),
+                     "bucket_limits": edges[1:].tolist(), "bucket_counts": counts.tolist(),
+                     "grad_norm": float(p.grad.norm()) if p.grad is not None else None}
+    return out
+
+
+def scalar_metrics(metrics: dict) -> dict[str, float]:
+    """The numbers of a report (no booleans, paths or histograms), in a stable order."""
+    return {k: v if isinstance(v, int) else float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _number(text: str) -> int | float:
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+def metrics_table(rows: list[dict]) -> str:
+    """CSV text with one row per epoch; columns in first-seen order (later epochs may add
+    validation columns), blanks where an epoch did not report a metric."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def flat_params(cfg: Experiment) -> dict[str, str]:
+    """The config as dotted keys, for MLflow's params (strings of at most 500 characters)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = str(value)[:500]
+
+    walk("", cfg.model_dump(mode="json", exclude={"tune"}))
+    return out
+
+
+def check_tracking(cfg: Experiment) -> None:
+    """Refuse at launch, not at the first epoch, a tracking setting this installation cannot honour."""
+    import importlib.util
+
+    if cfg.tracking.mlflow_uri and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError("tracking.mlflow_uri: MLflow is not installed; pip install 'raytrain-kit[mlflow]' "
+                          "or remove tracking.mlflow_uri")
+
+
+# ---------------------------------------------------------------------------------------------
+# The recorder
+
+
+class RunRecorder:
+    """Feeds one run's records. `on_epoch(metrics)` per report, `close(summary)` at the end.
+    `parent_mlflow_run`: a sweep's MLflow run id, making this run its child."""
+
+    def __init__(self, cfg: Experiment, directory: str, *, resume: bool, parent_mlflow_run: Optional[str] = None):
+        from raytrain_kit.launch import path_exists, read_run_file
+
+        self.cfg, self.directory = cfg, directory
+        self.rows: list[dict] = []
+        if resume and path_exists(f"{directory}/{METRICS_CSV}"):
+            self.rows = [{k: _number(v) for k, v in row.items() if v != ""}
+                         for row in csv.DictReader(io.StringIO(read_run_file(directory, METRICS_CSV).decode()))]
+        self.writer, self.tb_local, self.tb_upload = None, None, None
+        if cfg.tracking.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            target = f"{directory}/{TENSORBOARD_DIR}"
+            # TensorBoard appends to local files; a run stored at a URI writes here and uploads at close.
+            self.tb_local = target if "://" not in target else tempfile.mkdtemp(prefix="raytrain-kit-tb-")
+            self.tb_upload = None if "://" not in target else target
+            self.writer = SummaryWriter(self.tb_local, flush_secs=10)
+        self.mlflow_run = None
+        if cfg.tracking.mlflow_uri:
+            self.mlflow_run = start_mlflow_run(cfg, resume=resume, parent=parent_mlflow_run)
+
+    def on_epoch(self, metrics: dict) -> None:
+        from raytrain_kit.launch import write_run_file
+
+        epoch = int(metrics["epoch"])
+        row = scalar_metrics(metrics)
+        # A run resumed from an earlier checkpoint trains some epochs again: the new rows replace them.
+        self.rows = [r for r in self.rows if r.get("epoch", math.inf) < epoch] + [row]
+        write_run_file(self.directory, METRICS_CSV, metrics_table(self.rows))
+        if self.writer is not None:
+            for key, value in row.items():
+                if key != "epoch" and math.isfinite(value):
+                    self.writer.add_scalar(key, value, epoch)
+            for name, h in (metrics.get(HISTOGRAMS) or {}).items():
+                self.writer.add_histogram_raw(f"weights/{name}", min=h["min"], max=h["max"], num=h["num"],
+                                              sum=h["sum"], sum_squares=h["sum_squares"],
+                                              bucket_limits=h["bucket_limits"], bucket_counts=h["bucket_counts"],
+                                              global_step=epoch)
+                if h.get("grad_norm") is not None:
+                    self.writer.add_scalar(f"grad_norm/{name}", h["grad_norm"], epoch)
+        if self.mlflow_run is not None:
+            client = _mlflow_client(self.cfg.tracking.mlflow_uri)
+            for key, value in row.items():
+                if key != "epoch" and math.isfinite(value):
+                    client.log_metric(self.mlflow_run, key, value, step=epoch)
+
+    def close(self, summary: Optional[dict]) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            if self.tb_upload:
+                _upload(self.tb_local, self.tb_upload)
+                shutil.rmtree(self.tb_local, ignore_errors=True)
+        if self.mlflow_run is not None:
+            end_mlflow_run(self.cfg, self.mlflow_run, summary)
+
+
+def start_mlflow_run(cfg: Experiment, *, resume: bool, parent: Optional[str] = None) -> str:
+    """A run (or a sweep) as an MLflow run with the config as params; a resumed one goes on with
+    the MLflow run it had. Returns its id. Raises ConfigError naming the URI if MLflow refuses."""
+    try:
+        return _start_mlflow_run(cfg, resume=resume, parent=parent)
+    except Exception as e:
+        raise ConfigError(f"tracking.mlflow_uri: cannot start an MLflow run at {cfg.tracking.mlflow_uri!r} "
+                          f"({type(e).__name__}: {short_message(e)}); check the URI or the server") from None
+
+
+def _mlflow_client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("file:") or "://" not in uri:
+        # MLflow 3 refuses its file store unless asked; the config asking for a file: URI is that ask.
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return MlflowClient(uri)
+
+
+def _start_mlflow_run(cfg: Experiment, *, resume: bool, parent: Optional[str]) -> str:
+    client = _mlflow_client(cfg.tracking.mlflow_uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.mlflow_experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.tracking.mlflow_experiment)
+    if resume:  # the same MLflow run goes on
+        found = client.search_runs([experiment_id], filter_string=f"tags.`raytrain_kit.run_name` = '{cfg.run.name}'",
+                                   max_results=1)
+        if found:
+            client.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+    tags = {"raytrain_kit.run_name": cfg.run.name, "mlflow.runName": cfg.run.name}
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run = client.create_run(experiment_id, run_name=cfg.run.name, tags=tags)
+    from mlflow.entities import Param
+
+    params = flat_params(cfg)
+    names = list(params)
+    for i in range(0, len(names), 100):  # MLflow takes at most 100 params a batch
+        client.log_batch(run.info.run_id, params=[Param(k, params[k]) for k in names[i:i + 100]])
+    return run.info.run_id
+
+
+def end_mlflow_run(cfg: Experiment, run_id: str, summary: Optional[dict], *, artifacts: Sequence[str] = ()) -> None:
+    """The best value, the best checkpoint (a local one) and any `artifacts` files; then the status."""
+    client = _mlflow_client(cfg.tracking.mlflow_uri)
+    for path in artifacts:
+        if "://" not in path and os.path.isfile(path):
+            client.log_artifact(run_id, path)
+    status = (summary or {}).get("status", "failed")
+    if summary and summary.get("best_value") is not None:
+        client.log_metric(run_id, f"best_{summary['metric']}", float(summary["best_value"]))
+    checkpoint = (summary or {}).get("checkpoint")
+    if checkpoint and "://" not in checkpoint and os.path.isdir(checkpoint):
+        client.log_artifacts(run_id, checkpoint, artifact_path="best_checkpoint")
+    client.set_terminated(run_id, status={"finished": "FINISHED", "stopped": "KILLED"}.get(status, "FAILED"))
+
+
+def _upload(local: str, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    from raytrain_kit.launch import filesystem
+
+    fs, path = filesystem(uri)
+    pafs.copy_files(local, path, destination_filesystem=fs)
