@@ -26,6 +26,7 @@ from raytrain_kit.data import DataSpec, build_datasets
 from raytrain_kit.errors import ConfigError, KitError, RunError, short_message
 from raytrain_kit.models import build_model
 from raytrain_kit.preflight import run_preflight
+from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file  # noqa: F401 (re-exported)
 from raytrain_kit.tracking import RunRecorder, check_tracking
 from raytrain_kit.worker import spec_to_dict, train_loop_per_worker
 
@@ -104,42 +105,9 @@ def storage_root(cfg: Experiment) -> str:
     return path if "://" in path else os.path.abspath(os.path.expanduser(path))
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
-
-
 def run_dir(cfg: Experiment) -> str:
     assert cfg.run.name, "load_experiment names every run"
     return f"{storage_root(cfg).rstrip('/')}/{cfg.run.name}"
-
-
-def path_exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        return False
-    if info.type == pafs.FileType.Directory:
-        return bool(fs.get_file_info(pafs.FileSelector(path)))
-    return True
-
-
-def write_run_file(uri: str, name: str, content: str | bytes) -> str:
-    """The one writer of run-level files (driver side): temp name + rename on local disks;
-    object stores make a single put atomic on their own."""
-    fs, path = filesystem(uri)
-    folder, _, base = f"{path}/{name}".rpartition("/")
-    fs.create_dir(folder, recursive=True)
-    tmp = f"{folder}/.{base}.tmp"
-    with fs.open_output_stream(tmp) as out:
-        out.write(content.encode() if isinstance(content, str) else content)
-    fs.move(tmp, f"{folder}/{base}")
-    return f"{uri}/{name}"
-
-
-def read_run_file(uri: str, name: str) -> bytes:
-    fs, path = filesystem(uri)
-    with fs.open_input_stream(f"{path}/{name}") as f:
-        return f.read()
 
 
 def read_history(checkpoint_uri: str) -> list[dict]:

@@ -18,13 +18,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from raytrain_kit.storage import path_exists, read_run_file, write_run_file
+
 SWEEP_PNG, PARALLEL_PNG, CURVES_PNG, REPORT_MD = "sweep.png", "parallel.png", "curves.png", "report.md"
 NUM_CURVES = 5  # best trials whose learning curves are drawn
 
 
 def _read(directory: str, name: str) -> bytes:
-    from raytrain_kit.launch import read_run_file
-
     return read_run_file(directory, name)
 
 
@@ -38,8 +38,6 @@ def _pyplot():
 
 
 def _save(fig, directory: str, name: str) -> str:
-    from raytrain_kit.launch import write_run_file
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     _pyplot().close(fig)
@@ -159,7 +157,6 @@ def run_metrics(directory: str) -> pd.DataFrame:
     """A run's epochs: `metrics.csv`, else (a run from before it existed) summary.json's history."""
     import json
 
-    from raytrain_kit.launch import path_exists
     from raytrain_kit.tracking import METRICS_CSV
 
     if path_exists(f"{directory}/{METRICS_CSV}"):
@@ -224,7 +221,6 @@ def write_report(directory: str, *, num_top: int = 10) -> list[str]:
     import json
 
     from raytrain_kit.errors import DataError
-    from raytrain_kit.launch import path_exists, write_run_file
     from raytrain_kit.sweep import TRIALS_PARQUET, sweep_metric
 
     directory = directory.rstrip("/")

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 from raytrain_kit.config import Experiment
 from raytrain_kit.errors import ConfigError, short_message
+from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file
 
 METRICS_CSV = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
@@ -107,7 +108,6 @@ class RunRecorder:
     `parent_mlflow_run`: a sweep's MLflow run id, making this run its child."""
 
     def __init__(self, cfg: Experiment, directory: str, *, resume: bool, parent_mlflow_run: Optional[str] = None):
-        from raytrain_kit.launch import path_exists, read_run_file
 
         self.cfg, self.directory = cfg, directory
         self.rows: list[dict] = []
@@ -128,7 +128,6 @@ class RunRecorder:
             self.mlflow_run = start_mlflow_run(cfg, resume=resume, parent=parent_mlflow_run)
 
     def on_epoch(self, metrics: dict) -> None:
-        from raytrain_kit.launch import write_run_file
 
         epoch = int(metrics["epoch"])
         row = scalar_metrics(metrics)
@@ -221,8 +220,6 @@ def end_mlflow_run(cfg: Experiment, run_id: str, summary: Optional[dict], *, art
 
 def _upload(local: str, uri: str) -> None:
     import pyarrow.fs as pafs
-
-    from raytrain_kit.launch import filesystem
 
     fs, path = filesystem(uri)
     pafs.copy_files(local, path, destination_filesystem=fs)

@@ -30,6 +30,7 @@ from raytrain_kit.models import build_model
 from raytrain_kit.optim import (apply_decoupled_weight_decay, build_optimizer, build_scheduler,
                                 current_lr, load_scheduler_state, penalty,
                                 scheduler_state)
+from raytrain_kit.storage import write_run_file
 from raytrain_kit.tracking import HISTOGRAMS, histogram_epoch, layer_histograms
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -297,7 +298,6 @@ def write_failure(run_dir: str, error: BaseException, *, rank: int, epoch: Optio
 
     import ray
 
-    from raytrain_kit.launch import write_run_file
 
     record = {"type": type(error).__name__, "message": str(error).strip().splitlines()[0] if str(error).strip() else "",
               "rank": rank, "node": ray.util.get_node_ip_address(), "epoch": epoch, "step": step,

@@ -77,8 +77,13 @@ def test_run_writes_metrics_csv_tensorboard_mlflow_and_its_report(ray_session, t
         "scaling": {"num_workers": 2}, "preflight": {"enabled": False},
         "tracking": {"histogram_every": 2, "mlflow_uri": store, "mlflow_experiment": "tests"},
         "run": {"name": "records", "storage_path": str(tmp_path / "runs")}})
-    summary = fit(cfg)
+    progress: list[dict] = []
+    summary = fit(cfg, on_progress=progress.append)
     run_dir = tmp_path / "runs" / "records"
+
+    # Rank 0's in-epoch progress reached the driver (what the live bar draws), each epoch to its end.
+    ends = {p["epoch"]: p for p in progress if p["batch"] == p["num_batches"]}
+    assert sorted(ends) == [1, 2, 3] and all(p["samples"] > 0 and p["loss"] > 0 for p in ends.values())
 
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert metrics["epoch"].tolist() == [1, 2, 3]
