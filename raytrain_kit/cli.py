@@ -184,7 +184,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {problem}", file=sys.stderr)
         if getattr(e, "details", ""):
             print(e.details, file=sys.stderr)
-        if getattr(e, "traceback", "") and _verbosity(args) >= 2:
+        from raytrain_kit.progress import VERBOSE
+
+        if getattr(e, "traceback", "") and _verbosity(args) >= VERBOSE:
             print(f"\nRay's account of the failure:\n{e.traceback}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -16,6 +16,13 @@ def short_message(error: BaseException, *, last_line: bool = False) -> str:
     return (lines[-1] if last_line else lines[0])[:300]
 
 
+def traceback_text(error: BaseException) -> str:
+    """An exception's full traceback as text (for logs and --verbose, never the first line)."""
+    import traceback
+
+    return "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
+
+
 class KitError(ValueError):
     """A problem the user can fix; `problems` holds one message per line."""
 

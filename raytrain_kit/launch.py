@@ -23,7 +23,7 @@ from ray.train.v2.api.callback import UserCallback
 from raytrain_kit import checkpoint as ckpt
 from raytrain_kit.config import Experiment, to_yaml
 from raytrain_kit.data import DataSpec, build_datasets
-from raytrain_kit.errors import ConfigError, KitError, RunError, short_message
+from raytrain_kit.errors import ConfigError, KitError, RunError, short_message, traceback_text
 from raytrain_kit.models import build_model
 from raytrain_kit.preflight import run_preflight
 from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file  # noqa: F401 (re-exported)
@@ -333,7 +333,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     try:
         trainer.fit()
     except Exception as e:  # TrainingFailedError and friends: report the worker's own error
-        error, details = _worker_error(e, directory, since=fit_started), _traceback_text(e)
+        error, details = _worker_error(e, directory, since=fit_started), traceback_text(e)
     finally:
         stop.set()
         follower.join(timeout=10)
@@ -429,10 +429,3 @@ def _worker_error(error: Exception, directory: str, *, since: float) -> list[str
         cause = getattr(failure, "cause", None) or failure
         return [f"{type(cause).__name__}: {short_message(cause, last_line=True)} (rank {rank})"]
     return [f"{type(error).__name__}: {short_message(error, last_line=True)}"]
-
-
-def _traceback_text(error: BaseException) -> str:
-    import traceback
-
-    return "".join(traceback.format_exception(type(error), error, error.__traceback__)).rstrip()
-

@@ -26,6 +26,7 @@ from torch import nn
 from raytrain_kit import checkpoint as ckpt
 from raytrain_kit.config import Experiment, build_experiment
 from raytrain_kit.data import DataSpec
+from raytrain_kit.errors import traceback_text
 from raytrain_kit.models import build_model
 from raytrain_kit.optim import (apply_decoupled_weight_decay, build_optimizer, build_scheduler,
                                 current_lr, load_scheduler_state, penalty,
@@ -294,18 +295,16 @@ def write_failure(run_dir: str, error: BaseException, *, rank: int, epoch: Optio
     and `logs/rankN_error.json` with what the CLI prints first. Ray's exception chain, which
     wraps and reprints this, is shown only with --verbose."""
     import json
-    import traceback
 
     import ray
-
 
     record = {"type": type(error).__name__, "message": str(error).strip().splitlines()[0] if str(error).strip() else "",
               "rank": rank, "node": ray.util.get_node_ip_address(), "epoch": epoch, "step": step,
               "time": time.time(), "log": f"{run_dir}/{failure_log_name(rank)}"}
-    text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+    text = traceback_text(error)
     try:
         write_run_file(run_dir, failure_log_name(rank),
-                       f"worker rank {rank} on node {record['node']}, epoch {epoch}, step {step}\n\n{text}")
+                       f"worker rank {rank} on node {record['node']}, epoch {epoch}, step {step}\n\n{text}\n")
         write_run_file(run_dir, f"logs/rank{rank}_error.json", json.dumps(record))
     except Exception:  # never hide the worker's own error behind one about its log
         pass
