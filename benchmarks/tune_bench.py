@@ -64,7 +64,7 @@ def main() -> None:
     import ray
     import torch
 
-    from raytrain_kit.launch import connect
+    from raytrain_kit.cluster import connect
 
     connect()
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as storage:

@@ -81,13 +81,15 @@ def _report(directory: str, progress) -> None:
 
 
 def _train(args) -> int:
+    from raytrain_kit.cluster import connect
     from raytrain_kit.config import load_experiment
-    from raytrain_kit.launch import connect, fit, run_dir
-    from raytrain_kit.progress import VERBOSE, Progress
+    from raytrain_kit.progress import VERBOSE, Progress, format_startup
 
     cfg = load_experiment(args.config, args.overrides)
     progress = Progress(total_epochs=cfg.train.epochs, verbosity=_verbosity(args))
-    connect(args.address, verbose=progress.verbosity >= VERBOSE)
+    connect(args.address, verbose=progress.verbosity >= VERBOSE)  # before the kit's heavy imports
+    from raytrain_kit.launch import fit, run_dir
+
     try:
         summary = fit(cfg, resume=args.resume, log=progress.line, on_epoch=progress.epoch,
                       on_progress=progress.bar if progress.wants_bar else None)
@@ -98,6 +100,9 @@ def _train(args) -> int:
           f"{best:.4f} (epoch {summary['best_epoch']})" if best is not None else "done")
     print(f"run directory: {summary['run_dir']}")
     print(f"checkpoint:    {summary['checkpoint']}")
+    startup = format_startup(summary.get("startup") or {})
+    if startup:
+        progress.line(startup)
     _report(run_dir(cfg), progress)
     return 0
 
@@ -105,7 +110,7 @@ def _train(args) -> int:
 def _tune(args) -> int:
     from raytrain_kit.config import load_experiment
     from raytrain_kit.errors import ConfigError
-    from raytrain_kit.launch import connect
+    from raytrain_kit.cluster import connect
     from raytrain_kit.progress import VERBOSE, Progress
     from raytrain_kit.sweep import run_sweep
 
@@ -132,7 +137,7 @@ def _check(args) -> int:
     from raytrain_kit.config import load_experiment
     from raytrain_kit.data import build_datasets
     from raytrain_kit.errors import PreflightError
-    from raytrain_kit.launch import connect
+    from raytrain_kit.cluster import connect
     from raytrain_kit.preflight import run_preflight
 
     cfg = load_experiment(args.config, args.overrides)

@@ -8,7 +8,6 @@ that `report` and sweeps read. `sweep` reuses `fit`. Exercised by
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -21,82 +20,23 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 
 from raytrain_kit import checkpoint as ckpt
+from raytrain_kit import cluster
+from raytrain_kit.cluster import started_embedded_ray
 from raytrain_kit.config import Experiment, to_yaml
-from raytrain_kit.data import DataSpec, build_datasets
+from raytrain_kit.data import DataSpec, build_datasets, split_for_workers
 from raytrain_kit.errors import ConfigError, KitError, RunError, short_message, traceback_text
 from raytrain_kit.models import build_model
 from raytrain_kit.preflight import run_preflight
 from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file  # noqa: F401 (re-exported)
 from raytrain_kit.tracking import RunRecorder, check_tracking
-from raytrain_kit.worker import spec_to_dict, train_loop_per_worker
+from raytrain_kit.worker import STARTUP, spec_to_dict, train_loop_per_worker
 
 SUMMARY_FILE = "summary.json"
-# Set when this process started the Ray it uses: such a cluster cannot grow, so a request that
-# does not fit will never be scheduled. A real cluster may autoscale to fit it.
-_started_embedded_ray = False
 CONFIG_FILE = "config.yaml"
 
 
 # ---------------------------------------------------------------------------------------------
 # Ray and storage
-
-
-def connect(address: Optional[str] = None, *, verbose: bool = False) -> None:
-    """Join `address`, else RAY_ADDRESS (set by `ray job submit`), else start an embedded Ray.
-    Ray's own log stream (its actors' and workers' output, which reprints every traceback) reaches
-    this process only when `verbose`: the kit prints progress and worker errors itself."""
-    if ray.is_initialized():
-        return
-    # Ray Data's per-dataset log lines and progress bars drown the one line per epoch we print;
-    # inherited by the processes of an embedded Ray. Users can still set these themselves.
-    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    # Ray Train's controller collects each report when it polls its workers, every 2 s by
-    # default, and a worker's next report waits for that (its result queue holds one): short
-    # epochs were paying 2 s each. Train propagates this variable to the controller.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)  # a notice, not a problem
-    quiet = dict(logging_level=logging.INFO if verbose else logging.WARNING, configure_logging=True,
-                 log_to_driver=verbose)
-    if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, **quiet)
-    else:
-        # "local" never attaches to a stale cluster recorded in the temp dir by `ray start`. The
-        # dashboard serves the State API, without which Ray Train's PlacementGroupCleaner cannot
-        # see its controller (and stopped Tune trials leak their CPUs); port 0 = any free port.
-        # Ray Train's PlacementGroupCleaner finds the State API through RAY_API_SERVER_ADDRESS
-        # (inherited by this Ray's processes); left unset it may find another Ray on the machine.
-        for attempt in range(2):
-            port = _free_port()
-            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-            try:
-                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=port, **quiet)
-                break
-            except Exception as e:
-                # On a loaded machine the raylet can give up waiting for its agents ("timed out
-                # during startup"); a second start usually succeeds.
-                if attempt or "timed out during startup" not in str(e):
-                    raise
-                ray.shutdown()
-        global _started_embedded_ray
-        _started_embedded_ray = True
-    # Datasets carry the driver's DataContext to Ray Data's actors, so this reaches them too.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-
-
-def started_embedded_ray() -> bool:
-    """Whether this process started the Ray it uses (a cluster that cannot grow)."""
-    return _started_embedded_ray
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def storage_root(cfg: Experiment) -> str:
@@ -207,7 +147,7 @@ def check_shared_storage(cfg: Experiment) -> None:
 
 def check_resources(cfg: Experiment) -> None:
     """An embedded Ray cannot grow: asking for more than it has would wait forever."""
-    if not _started_embedded_ray:
+    if not started_embedded_ray():
         return
     s = cfg.scaling
     total = ray.cluster_resources()
@@ -223,12 +163,16 @@ def check_resources(cfg: Experiment) -> None:
 def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=(),
                   init_checkpoint: Optional[str] = None, gate: Optional[dict] = None,
                   progress=None) -> TorchTrainer:
+    """In-memory data is cut into per-worker pieces here (`data.split_for_workers`) and handed
+    to the workers in their config; streamed data goes through Ray Train's own streaming split."""
     s = cfg.scaling
+    in_memory = cfg.data.in_memory
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "spec": spec_to_dict(spec),
                            "init_checkpoint": init_checkpoint, "gate": gate, "run_dir": run_dir(cfg),
-                           "progress": progress},
+                           "progress": progress,
+                           "shards": split_for_workers(datasets, num_workers=s.num_workers) if in_memory else None},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
         run_config=RunConfig(
@@ -236,10 +180,28 @@ def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
-        datasets=datasets,
+        datasets=None if in_memory else datasets,
         # Ordered execution makes the split of rows across workers the same on every run.
         dataset_config=DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
     )
+
+
+def _process_started() -> float:
+    import psutil  # a dependency of ray[default]
+
+    return psutil.Process().create_time()
+
+
+# Start-up stages in the order they happen; the workers' come from rank 0's first report.
+STARTUP_STAGES = ("process_started", "ray_ready", "fit_called", "datasets_built", "preflight_done", "trainer_started",
+                  "worker_started", "model_ready", "data_ready", "first_step")
+
+
+def startup_seconds(times: dict) -> dict[str, float]:
+    """Seconds from this process's start to each start-up stage that happened (a run restored
+    from a checkpoint may take no step, a preflight may be off)."""
+    origin = times["process_started"]
+    return {stage: round(times[stage] - origin, 3) for stage in STARTUP_STAGES[1:] if times.get(stage)}
 
 
 def best_of(history: list[dict], *, metric: str, mode: str) -> Optional[dict]:
@@ -283,6 +245,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     from ray.util.queue import Queue
 
     started = time.perf_counter()
+    startup = {"process_started": _process_started(), "ray_ready": cluster.ray_ready_at(), "fit_called": time.time()}
     directory = run_dir(cfg)
     exists = path_exists(directory)
     if exists and not resume:
@@ -294,6 +257,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     check_shared_storage(cfg)
     check_tracking(cfg)
     datasets, spec = datasets_and_spec or build_datasets(cfg)
+    startup["datasets_built"] = time.time()
     # Build the model once here: a bad custom target or an input shape the architecture cannot
     # take fails now, with a config error, instead of inside every worker.
     try:
@@ -307,6 +271,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
         report = run_preflight(cfg, datasets["train"], spec)  # raises PreflightError: no worker starts
         log(f"preflight: gradient check {report.status} ({report.num_parameters:,} parameters, "
             f"{report.seconds:.2f} s)" + "".join(f"\n  warning: {w}" for w in report.warnings))
+    startup["preflight_done"] = time.time()
     write_run_file(directory, CONFIG_FILE, to_yaml(cfg))
 
     queue = Queue(actor_options={"num_cpus": 0})
@@ -315,6 +280,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     recorder = RunRecorder(cfg, directory, resume=resume, parent_mlflow_run=parent_mlflow_run)
 
     def forward(metrics: dict) -> None:
+        startup.update(metrics.pop(STARTUP, None) or {})
         reports.append(metrics)
         try:
             recorder.on_epoch(metrics)
@@ -329,7 +295,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     trainer = build_trainer(cfg, datasets, spec, callbacks=[_ForwardReports(queue)], init_checkpoint=init_checkpoint,
                             gate=gate, progress=queue if on_progress else None)
     error, details = None, ""
-    fit_started = time.time()
+    fit_started = startup["trainer_started"] = time.time()
     try:
         trainer.fit()
     except Exception as e:  # TrainingFailedError and friends: report the worker's own error
@@ -354,6 +320,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     status = "failed" if error else "stopped" if abort.is_set() and len(history) < cfg.train.epochs else "finished"
     summary = summarize(cfg, history, status=status, error="; ".join(error) if error else None,
                         wall_s=time.perf_counter() - started)
+    summary["startup"] = startup_seconds(startup)
     write_run_file(directory, SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
     recorder.close(summary)
     if error:

@@ -32,6 +32,24 @@ def format_epoch(m: dict, *, total_epochs: int) -> str:
     return "  ".join(parts)
 
 
+# Start-up stages a user can act on, each timed from the end of the one before (see
+# `launch.startup_seconds`); stages in between are counted in the next one shown.
+_STARTUP_SHOWN = (("ray_ready", "Ray"), ("datasets_built", "data"), ("preflight_done", "preflight"),
+                  ("worker_started", "Train workers"), ("data_ready", "model and shards"), ("first_step", "first step"))
+
+
+def format_startup(stages: dict) -> Optional[str]:
+    """`startup: 19.9 s to the first step (Ray 5.6 s, data 2.4 s, ...)`; None if no step was taken."""
+    if "first_step" not in stages:
+        return None
+    parts, before = [], 0.0
+    for stage, label in _STARTUP_SHOWN:
+        if stage in stages:
+            parts.append(f"{label} {stages[stage] - before:.1f} s")
+            before = stages[stage]
+    return f"startup:       {stages['first_step']:.1f} s to the first step ({', '.join(parts)})"
+
+
 def format_bar(p: dict, *, total_epochs: int, width: int = 24) -> str:
     """`epoch 3/15 [#########.......]  57%  1,234 samples/s  ETA 3s  loss 0.1234`"""
     done = min(1.0, p["batch"] / max(p["num_batches"], 1))

@@ -134,10 +134,12 @@ class RunRecorder:
         # A run resumed from an earlier checkpoint trains some epochs again: the new rows replace them.
         self.rows = [r for r in self.rows if r.get("epoch", math.inf) < epoch] + [row]
         write_run_file(self.directory, METRICS_CSV, metrics_table(self.rows))
+        # The worker's wall clock at the epoch's end dates the points; it is not a curve itself.
+        wall_time = row.get("wall_time")
+        plotted = {k: v for k, v in row.items() if k not in ("epoch", "wall_time") and math.isfinite(v)}
         if self.writer is not None:
-            for key, value in row.items():
-                if key != "epoch" and math.isfinite(value):
-                    self.writer.add_scalar(key, value, epoch)
+            for key, value in plotted.items():
+                self.writer.add_scalar(key, value, epoch, walltime=wall_time)
             for name, h in (metrics.get(HISTOGRAMS) or {}).items():
                 self.writer.add_histogram_raw(f"weights/{name}", min=h["min"], max=h["max"], num=h["num"],
                                               sum=h["sum"], sum_squares=h["sum_squares"],
@@ -147,9 +149,9 @@ class RunRecorder:
                     self.writer.add_scalar(f"grad_norm/{name}", h["grad_norm"], epoch)
         if self.mlflow_run is not None:
             client = _mlflow_client(self.cfg.tracking.mlflow_uri)
-            for key, value in row.items():
-                if key != "epoch" and math.isfinite(value):
-                    client.log_metric(self.mlflow_run, key, value, step=epoch)
+            timestamp = int(wall_time * 1000) if wall_time else None
+            for key, value in plotted.items():
+                client.log_metric(self.mlflow_run, key, value, timestamp=timestamp, step=epoch)
 
     def close(self, summary: Optional[dict]) -> None:
         if self.writer is not None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from raytrain_kit import checkpoint as ckpt
 from raytrain_kit.config import Experiment, build_experiment
-from raytrain_kit.data import DataSpec
+from raytrain_kit.data import DataSpec, read_block_ranges
 from raytrain_kit.errors import traceback_text
 from raytrain_kit.models import build_model
 from raytrain_kit.optim import (apply_decoupled_weight_decay, build_optimizer, build_scheduler,
@@ -35,6 +35,9 @@ from raytrain_kit.storage import write_run_file
 from raytrain_kit.tracking import HISTOGRAMS, histogram_epoch, layer_histograms
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+# Report key of rank 0's first report in a worker process: wall-clock times of its start-up
+# stages (`launch.fit` puts them in the summary's `startup`); never part of the history.
+STARTUP = "startup"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,6 +95,7 @@ class EpochResult:
     data_s: float = 0.0  # waiting for the next batch
     compute_s: float = 0.0  # forward, backward and the optimizer step
     sync_s: float = 0.0  # gradient all-reduce not hidden behind backward (see SyncTimer)
+    first_step_at: Optional[float] = None  # wall-clock time of the epoch's first optimizer step
 
 
 class SyncTimer:
@@ -156,7 +160,7 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
         total.backward()
         if sync_timer is not None:
             result.sync_s += sync_timer.exposed_since(time.perf_counter())
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), reg.grad_clip_norm or math.inf)
+        grad_norm = gradient_norm(model, clip=reg.grad_clip_norm)
         if not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             result.num_nonfinite += 1
@@ -166,6 +170,8 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
             continue
         apply_decoupled_weight_decay(optimizer, weight_decay=reg.weight_decay, name=cfg.optim.name)
         optimizer.step()
+        if result.first_step_at is None:
+            result.first_step_at = time.time()
         if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             scheduler.step()
         result.sums.add(loss, outputs, y, classification)
@@ -174,6 +180,15 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
             on_batch(num_batches, int(result.sums.samples), result.sums.loss / max(result.sums.samples, 1))
     result.compute_s = max(0.0, time.perf_counter() - started - result.data_s - result.sync_s)
     return result
+
+
+def gradient_norm(model: nn.Module, *, clip: Optional[float]) -> torch.Tensor:
+    """The gradients' global norm (NaN/inf when any is not finite), clipped to `clip` if set.
+    Without clipping only the norm is computed: clip_grad_norm_ with an infinite bound would
+    still rescale every gradient by 1.0, a pass over them all each step."""
+    if clip:
+        return nn.utils.clip_grad_norm_(model.parameters(), clip)
+    return nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 @torch.no_grad()
@@ -203,13 +218,14 @@ def in_memory_batches(x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
 # Ray wiring
 
 
-def _load_shard(shard, *, dtypes: dict, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read this worker's whole shard once; small shards are then iterated from memory, which
-    avoids Ray Data's per-epoch start-up cost (about 2 s an epoch on 2 cores)."""
-    xs, ys = [], []
-    for batch in shard.iter_torch_batches(batch_size=8192, dtypes=dtypes, device="cpu"):
-        xs.append(batch["x"]), ys.append(batch["y"])
-    return torch.cat(xs).view(-1, *shape), torch.cat(ys)
+def _load_piece(ranges: list, *, dtypes: dict, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fetch this worker's piece once (`data.split_for_workers`); it is then iterated from memory,
+    which avoids Ray Data's per-epoch start-up cost (about 2 s an epoch on 2 cores)."""
+    arrays = read_block_ranges(ranges)
+    if arrays is None:  # a validation set of a handful of rows split across more workers
+        return torch.empty((0, *shape), dtype=dtypes["x"]), torch.empty(0, dtype=dtypes["y"])
+    return (torch.from_numpy(arrays["x"]).to(dtypes["x"]).view(-1, *shape),
+            torch.from_numpy(arrays["y"]).to(dtypes["y"]))
 
 
 def _streamed(shard, *, dtypes: dict, shape: tuple[int, ...], batch_size: int,
@@ -314,6 +330,8 @@ def _train_loop(loop_config: dict, where: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    startup = {"worker_started": time.time()}
+
     cfg = build_experiment(loop_config["experiment"])
     spec = spec_from_dict(loop_config["spec"])
     context = ray.train.get_context()
@@ -333,12 +351,14 @@ def _train_loop(loop_config: dict, where: dict) -> None:
     ddp_model = ray.train.torch.prepare_model(model) if world_size > 1 else model
     sync_timer = SyncTimer().register(ddp_model) if world_size > 1 else None
     progress = loop_config.get("progress") if rank == 0 else None
+    startup["model_ready"] = time.time()  # DDP's wrapping waits for every rank
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-    if cfg.data.in_memory:
-        x_train, y_train = _load_shard(train_shard, dtypes=dtypes, shape=spec.input_shape)
-        x_val, y_val = _load_shard(val_shard, dtypes=dtypes, shape=spec.input_shape)
+    if cfg.data.in_memory:  # this worker's pieces, cut on the driver (data.split_for_workers)
+        x_train, y_train = _load_piece(loop_config["shards"]["train"][rank], dtypes=dtypes, shape=spec.input_shape)
+        x_val, y_val = _load_piece(loop_config["shards"]["val"][rank], dtypes=dtypes, shape=spec.input_shape)
+    else:
+        train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    startup["data_ready"] = time.time()
 
     # The state of the latest checkpoint, kept in memory (only) for train.on_nonfinite: rollback.
     rollback = cfg.train.on_nonfinite == "rollback"
@@ -394,18 +414,24 @@ def _train_loop(loop_config: dict, where: dict) -> None:
                            if cfg.data.in_memory else
                            _streamed(val_shard, dtypes=dtypes, shape=spec.input_shape,
                                      batch_size=cfg.train.batch_size * 4, shuffle_seed=None))
-            val = evaluate(ddp_model, val_batches, classification=classification).all_reduce()
+            # The plain module: validation pieces may differ in length by a row, and DDP's forward
+            # may hold collectives (buffer broadcasts) that every rank must join equally often.
+            val = evaluate(model, val_batches, classification=classification).all_reduce()
             metrics["val_loss"] = val.loss / val.samples
             if classification:
                 metrics["val_accuracy"] = val.correct / val.samples
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) and cfg.metric in metrics:
             scheduler.step(metrics[cfg.metric])
+        metrics["wall_time"] = time.time()  # the epoch's end, evaluation included: throughput over epochs
         history.append(metrics)
         epoch += 1
 
         reported = metrics
         if rank == 0 and cfg.tracking.tensorboard and histogram_epoch(cfg, epoch):
             reported = {**metrics, HISTOGRAMS: layer_histograms(model)}  # for TensorBoard, not the history
+        if rank == 0 and startup is not None:
+            reported = {**reported, STARTUP: {**startup, "first_step": result.first_step_at}}
+            startup = None
         if not save:
             ray.train.report(reported)
         else:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(TESTS))
 def ray_session():
     import ray
 
-    from raytrain_kit.launch import connect
+    from raytrain_kit.cluster import connect
 
     os.environ.pop("RAY_ADDRESS", None)
     connect()

@@ -14,8 +14,8 @@ import yaml
 
 from raytrain_kit.cli import main
 from raytrain_kit.config import build_experiment
-from raytrain_kit.launch import fit
-from raytrain_kit.progress import NORMAL, QUIET, Progress, format_bar
+from raytrain_kit.launch import STARTUP_STAGES, fit
+from raytrain_kit.progress import NORMAL, QUIET, Progress, format_bar, format_startup
 from raytrain_kit.tracking import layer_histograms, metrics_table
 from records import assert_picture, read_tensorboard
 
@@ -63,6 +63,14 @@ def test_progress_bar_only_on_a_terminal_and_lines_unless_quiet():
     assert quiet.getvalue() == ""
 
 
+def test_startup_line_times_each_stage_from_the_end_of_the_one_before():
+    stages = {"ray_ready": 5.0, "fit_called": 5.1, "datasets_built": 7.5, "preflight_done": 9.0, "trainer_started": 9.2,
+              "worker_started": 17.0, "model_ready": 18.5, "data_ready": 18.6, "first_step": 18.75}
+    assert format_startup(stages) == ("startup:       18.8 s to the first step (Ray 5.0 s, data 2.5 s, preflight 1.5 s, "
+                                      "Train workers 8.0 s, model and shards 1.6 s, first step 0.1 s)")
+    assert format_startup({k: v for k, v in stages.items() if k != "first_step"}) is None  # no step taken
+
+
 # ---------------------------------------------------------------------------------------------
 # A run's records, end to end
 
@@ -92,6 +100,13 @@ def test_run_writes_metrics_csv_tensorboard_mlflow_and_its_report(ray_session, t
     # The three parts are the training pass; evaluation and checkpointing come on top.
     assert (metrics[TIMING].sum(axis=1) <= metrics["epoch_s"] * 1.001).all()
     assert metrics["val_accuracy"].tolist() == pytest.approx([h["val_accuracy"] for h in summary["history"]])
+    # Each epoch's end on the worker's clock: after the one before, apart by at least its training pass.
+    assert (metrics["wall_time"].diff().dropna() >= metrics["epoch_s"][1:].to_numpy() * 0.999).all()
+
+    # Where the start-up went: every stage, from the driver's and rank 0's clocks, in order.
+    stages = summary["startup"]
+    assert list(stages) == [s for s in STARTUP_STAGES[1:] if s != "preflight_done"]  # preflight is off here
+    assert list(stages.values()) == sorted(stages.values()) and stages["ray_ready"] > 0
 
     scalars, histograms = read_tensorboard(run_dir / "tensorboard")
     assert scalars["val_accuracy"] == pytest.approx(dict(zip(metrics["epoch"], metrics["val_accuracy"])))

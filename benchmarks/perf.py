@@ -1,0 +1,244 @@
+"""The kit against plain PyTorch: overhead, scaling, start-up, ingest and end-to-end, as ratios.
+
+Each benchmark runs the kit and its reference one after the other in the same run, on the same
+machine state, and returns its figures. The kit trains through `launch.fit` on this process's
+Ray (overhead, scaling) or as a `raytrain-kit train` process with its own embedded Ray (startup,
+end_to_end); the reference is `benchmarks/plain.py`, alone or under `torchrun`. Both sides use
+the same model (checked weight for weight), batch, optimizer, schedule and torch threads.
+Run through `python -m benchmarks`; sizes shrink under --quick.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+PLAIN = ROOT / "benchmarks" / "plain.py"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import plain  # noqa: E402  (the reference loop; imports only torch and numpy)
+
+
+def sizes(quick: bool) -> dict:
+    """Rows and epochs per workload; the first epoch of each run is warm-up, never measured."""
+    return {"mlp_rows": 20_000 if quick else 200_000, "mlp_epochs": 3 if quick else 4,
+            "digits_epochs": 4 if quick else 15, "target": 0.8 if quick else 0.95}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running each side
+
+
+def kit_experiment(workload: str, *, storage: str, name: str, quick: bool, num_workers: int = 1,
+                   batch_size: Optional[int] = None):
+    """The kit's experiment for a workload, matching `plain.py`'s loop setting for setting."""
+    from raytrain_kit.config import build_experiment, load_experiment
+
+    common = {"run.storage_path": storage, "run.name": name, "scaling.num_workers": num_workers,
+              "scaling.cpus_per_worker": 1}
+    if workload == "digits":
+        return load_experiment(ROOT / "jobs" / "digits.yaml", {
+            **common, "train.epochs": sizes(quick)["digits_epochs"], "train.batch_size": batch_size or 32})
+    return build_experiment({
+        "data": {"source": "synthetic", "num_rows": sizes(quick)["mlp_rows"], "num_features": plain.MLP_FEATURES,
+                 "num_classes": plain.MLP_CLASSES, "val_fraction": 0.1, "standardize": False},
+        "model": {"kind": "mlp", "hidden": list(plain.MLP_HIDDEN)}, "init": {"scheme": "kaiming_normal"},
+        "optim": {"name": "adamw", "lr": 0.003}, "regularization": {"weight_decay": 1e-4},
+        "schedule": {"kind": "cosine", "warmup_steps": 20, "min_lr": 1e-4},
+        "train": {"epochs": sizes(quick)["mlp_epochs"], "batch_size": batch_size or 256, "seed": 0},
+        "scaling": {"num_workers": num_workers, "cpus_per_worker": 1},
+        "checkpoint": {"every_epochs": 1000}, "run": {"storage_path": storage, "name": name}})
+
+
+def check_same_model(workload: str, cfg) -> None:
+    """The reference trains the very network the kit builds: same layers, same initial weights."""
+    import torch
+
+    from raytrain_kit.data import DataSpec
+    from raytrain_kit.models import build_model
+
+    shape = tuple(cfg.input_shape) if cfg.input_shape else (plain.MLP_FEATURES,)
+    num_features = 64 if workload == "digits" else plain.MLP_FEATURES
+    spec = DataSpec(num_features=num_features, num_classes=10, input_shape=shape, num_train_rows=1, num_val_rows=1)
+    kit = build_model(cfg, spec).state_dict()
+    reference = plain.build_model(workload, seed=cfg.train.seed).state_dict()
+    assert [(k, v.shape) for k, v in kit.items()] == [(k, v.shape) for k, v in reference.items()], workload
+    assert all(torch.equal(kit[k], reference[k]) for k in kit), f"{workload}: initial weights differ"
+
+
+def kit_fit(cfg) -> dict:
+    from raytrain_kit.launch import fit
+
+    return fit(cfg)
+
+
+def steady_samples_per_s(wall_times: list[float], rows_per_epoch: int) -> float:
+    """Rows per second over the epochs after the first, timed from the end of epoch 1 to the end
+    of the last, evaluation and per-epoch bookkeeping included."""
+    assert len(wall_times) >= 2, "need two epochs or more"
+    return rows_per_epoch * (len(wall_times) - 1) / (wall_times[-1] - wall_times[0])
+
+
+def run_plain(args: list[str], *, nproc: int = 0) -> tuple[float, list[dict]]:
+    """`plain.py` as its own process (under torchrun when nproc > 0): its start time and events."""
+    # `python -m torch.distributed.run` is the `torchrun` command, found without PATH.
+    command = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                                  if nproc else []) + [str(PLAIN), *args]
+    started = time.time()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stderr[-2000:]}")
+    return started, [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def run_kit_cli(config: Path, overrides: list[str], *, target: float) -> dict:
+    """`raytrain-kit train` as its own process (embedded Ray): when it started, when each epoch
+    line arrived, and its summary (whose `startup` times are from the process's start)."""
+    command = [sys.executable, "-m", "raytrain_kit", "train", str(config), *sum((["--set", o] for o in overrides), [])]
+    started = time.time()
+    reached = None
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            for line in process.stdout:
+                if line.startswith("epoch ") and reached is None:
+                    fields = line.split()
+                    accuracy = float(fields[fields.index("val_accuracy") + 1]) if "val_accuracy" in fields else 0.0
+                    if accuracy >= target:
+                        reached = time.time()
+            error = process.stderr.read()
+            process.wait(timeout=600)
+        finally:
+            if process.poll() is None:  # its own process group: ends it and its embedded Ray, nothing else
+                os.killpg(process.pid, 9)
+    if process.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{error[-2000:]}")
+    return {"started": started, "reached": reached}
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmarks
+
+
+def overhead(quick: bool, work: str) -> dict:
+    """Steady-state samples/s of the kit (1 worker, 1 CPU) over a plain loop with 1 thread, for
+    the compute-bound MLP and the input-bound digits CNN."""
+    out = {}
+    for workload in ("mlp", "digits"):
+        cfg = kit_experiment(workload, storage=work, name=f"overhead_{workload}", quick=quick)
+        check_same_model(workload, cfg)
+        plain_args = ([workload, "--epochs", str(cfg.train.epochs)] +
+                      (["--rows", str(cfg.data.num_rows)] if workload == "mlp" else []))
+        _, events = run_plain(plain_args)
+        epochs = [e for e in events if e["event"] == "epoch"]
+        reference = steady_samples_per_s([e["time"] for e in epochs], epochs[0]["rows"])
+        summary = kit_fit(cfg)
+        history = summary["history"]
+        kit = steady_samples_per_s([h["wall_time"] for h in history], _train_rows(summary))
+        out[workload] = {"kit_samples_per_s": round(kit, 1), "plain_samples_per_s": round(reference, 1),
+                         "ratio": round(kit / reference, 4), "epochs": len(history),
+                         "goal": 0.95 if workload == "mlp" else 0.85}
+    return out
+
+
+def _train_rows(summary: dict) -> int:
+    """Rows one epoch trains on: every worker's equal share of the training split."""
+    history = summary["history"]
+    return int(round(history[-1]["samples_per_s"] * history[-1]["epoch_s"]))
+
+
+def scaling(quick: bool, work: str, *, one_worker: Optional[dict] = None) -> dict:
+    """The compute-bound workload at a fixed global batch of 256 and the same rows: 2 workers
+    with 1 CPU each (batch 128 each) over 1 worker with 1 CPU."""
+    rates = {}
+    for num_workers in (1, 2):
+        cfg = kit_experiment("mlp", storage=work, name=f"scaling_{num_workers}", quick=quick,
+                             num_workers=num_workers, batch_size=256 // num_workers)
+        summary = kit_fit(cfg)
+        rates[num_workers] = steady_samples_per_s([h["wall_time"] for h in summary["history"]], _train_rows(summary))
+    speedup = rates[2] / rates[1]
+    return {"one_worker_samples_per_s": round(rates[1], 1), "two_workers_samples_per_s": round(rates[2], 1),
+            "speedup": round(speedup, 4), "efficiency": round(speedup / 2, 4), "goal": 0.85}
+
+
+def startup_and_end_to_end(quick: bool, work: str) -> tuple[dict, dict]:
+    """One `raytrain-kit train jobs/digits.yaml` process (embedded Ray, 2 workers) against one
+    `torchrun --nproc-per-node 2 plain.py digits` with the same global batch and schedule: the
+    seconds from process start to the first optimizer step, and to the target accuracy."""
+    s = sizes(quick)
+    started, events = run_plain(["digits", "--epochs", str(s["digits_epochs"]), "--target", str(s["target"])], nproc=2)
+    first = next(e["time"] for e in events if e["event"] == "first_step")
+    reached = next((e["time"] for e in events if e["event"] == "epoch" and e["val_accuracy"] >= s["target"]), None)
+    plain_startup, plain_e2e = first - started, (reached - started) if reached else None
+
+    storage = os.path.join(work, "cli")
+    kit = run_kit_cli(ROOT / "jobs" / "digits.yaml", [f"run.storage_path={storage}", "run.name=startup",
+                                                      f"train.epochs={s['digits_epochs']}"], target=s["target"])
+    summary = json.loads((Path(storage) / "startup" / "summary.json").read_text())
+    kit_startup = summary["startup"]["first_step"]
+    kit_e2e = kit["reached"] - kit["started"] if kit["reached"] else None
+    startup = {"kit_s": round(kit_startup, 2), "torchrun_s": round(plain_startup, 2),
+               "ratio": round(kit_startup / plain_startup, 3), "goal": 3.0,
+               "kit_stages_s": summary["startup"]}
+    end_to_end = {"target_val_accuracy": s["target"], "kit_s": _round(kit_e2e), "plain_s": _round(plain_e2e),
+                  "ratio": round(kit_e2e / plain_e2e, 3) if kit_e2e and plain_e2e else None,
+                  "kit_best_val_accuracy": summary["best_value"]}
+    return startup, end_to_end
+
+
+def _round(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 2)
+
+
+def ingest(quick: bool, work: str, *, step_rate: Optional[float] = None) -> dict:
+    """Rows/s of Ray Data `iter_torch_batches` over the compute-bound data as Parquet on disk,
+    through the kit's own per-row preparation, against the rows/s the training step consumes
+    (the plain loop's steady rate on the same rows, or `step_rate` when overhead measured it)."""
+    import numpy as np
+    import pandas as pd
+    import ray
+    import torch
+
+    from raytrain_kit.data import _finish, _pack
+
+    num_rows = sizes(quick)["mlp_rows"]
+    folder = Path(work) / "ingest"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.standard_normal((num_rows, plain.MLP_FEATURES)).astype(np.float32),
+                         columns=[f"f{i}" for i in range(plain.MLP_FEATURES)])
+    frame["label"] = rng.integers(0, plain.MLP_CLASSES, num_rows)
+    for i, part in enumerate(np.array_split(np.arange(num_rows), 8)):
+        frame.iloc[part].to_parquet(folder / f"part{i}.parquet")
+    features = [f"f{i}" for i in range(plain.MLP_FEATURES)]
+
+    def read_once() -> float:
+        ds = (ray.data.read_parquet(str(folder))
+              .map_batches(_pack, batch_format="pandas", fn_kwargs=dict(features=features, label="label"))
+              .map_batches(_finish, batch_format="numpy", fn_kwargs=dict(mean=None, std=None, classification=True)))
+        started, rows = time.perf_counter(), 0
+        for batch in ds.iter_torch_batches(batch_size=256, dtypes={"x": torch.float32, "y": torch.int64}):
+            rows += len(batch["y"])
+        assert rows == num_rows, rows
+        return rows / (time.perf_counter() - started)
+
+    read_once()  # warm-up: Ray Data's first pass starts its worker processes
+    rate = read_once()
+    if step_rate is None:
+        _, events = run_plain(["mlp", "--epochs", "2", "--rows", str(num_rows)])
+        epochs = [e for e in events if e["event"] == "epoch"]
+        step_rate = steady_samples_per_s([e["time"] for e in epochs], epochs[0]["rows"])
+    return {"ingest_rows_per_s": round(rate, 1), "train_step_rows_per_s": round(step_rate, 1),
+            "ratio": round(rate / step_rate, 3), "goal": 3.0}
+
+
+def scratch() -> str:
+    return tempfile.mkdtemp(prefix="raytrain-kit-bench-")

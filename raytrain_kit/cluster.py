@@ -1,0 +1,95 @@
+"""Joining a Ray cluster, or starting an embedded one, the way every command needs it.
+
+`connect` picks the cluster (an address, else RAY_ADDRESS as `ray job submit` sets it, else an
+embedded local Ray with its dashboard for the State API), quiets Ray's own logging and progress
+bars, and overlaps Ray's start with importing torch. It imports nothing heavier than Ray, so the
+CLI can start Ray before the rest of the kit loads. Exercised by every command and by the
+suite's shared `ray_session` fixture.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import time
+from typing import Optional
+
+import ray
+
+# Set when this process started the Ray it uses: such a cluster cannot grow, so a request that
+# does not fit will never be scheduled. A real cluster may autoscale to fit it.
+_started_embedded_ray = False
+_ray_ready_at: Optional[float] = None
+
+
+def connect(address: Optional[str] = None, *, verbose: bool = False) -> None:
+    """Join `address`, else RAY_ADDRESS (set by `ray job submit`), else start an embedded Ray.
+    Ray's own log stream (its actors' and workers' output, which reprints every traceback) reaches
+    this process only when `verbose`: the kit prints progress and worker errors itself."""
+    global _ray_ready_at, _started_embedded_ray
+    if ray.is_initialized():
+        return
+    # Ray's start is mostly waiting for its processes; import torch meanwhile (about 1.5 s
+    # sooner to the first step on 2 cores). torch imports nothing of Ray's, so the two imports
+    # cannot deadlock on each other's module locks.
+    preload = threading.Thread(target=importlib.import_module, args=("torch",), daemon=True)
+    preload.start()
+    # Ray Data's per-dataset log lines and progress bars drown the one line per epoch we print;
+    # inherited by the processes of an embedded Ray. Users can still set these themselves.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Ray Train's controller collects each report when it polls its workers, every 2 s by
+    # default, and a worker's next report waits for that (its result queue holds one): short
+    # epochs were paying 2 s each. Train propagates this variable to the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)  # a notice, not a problem
+    quiet = dict(logging_level=logging.INFO if verbose else logging.WARNING, configure_logging=True,
+                 log_to_driver=verbose)
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, **quiet)
+    else:
+        # "local" never attaches to a stale cluster recorded in the temp dir by `ray start`. The
+        # dashboard serves the State API, without which Ray Train's PlacementGroupCleaner cannot
+        # see its controller (and stopped Tune trials leak their CPUs); port 0 = any free port.
+        # Ray Train's PlacementGroupCleaner finds the State API through RAY_API_SERVER_ADDRESS
+        # (inherited by this Ray's processes); left unset it may find another Ray on the machine.
+        for attempt in range(2):
+            port = _free_port()
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            try:
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=port, **quiet)
+                break
+            except Exception as e:
+                # On a loaded machine the raylet can give up waiting for its agents ("timed out
+                # during startup"); a second start usually succeeds.
+                if attempt or "timed out during startup" not in str(e):
+                    raise
+                ray.shutdown()
+        _started_embedded_ray = True
+    importlib.import_module("ray.data")  # after Ray's start: not at the same time as torch's import
+    # Datasets carry the driver's DataContext to Ray Data's actors, so this reaches them too.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    preload.join()
+    _ray_ready_at = time.time()
+
+
+def ray_ready_at() -> Optional[float]:
+    """When `connect` had Ray ready in this process (the first stage of a run's start-up)."""
+    return _ray_ready_at
+
+
+def started_embedded_ray() -> bool:
+    """Whether this process started the Ray it uses (a cluster that cannot grow)."""
+    return _started_embedded_ray
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

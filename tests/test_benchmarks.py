@@ -1,0 +1,64 @@
+"""The performance harness: `python -m benchmarks --quick` runs and emits every figure (never a
+speed threshold: speed is measured as ratios in benchmarks/, not asserted in tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import perf  # noqa: E402
+
+FIGURES = {
+    "overhead": ["mlp.kit_samples_per_s", "mlp.plain_samples_per_s", "mlp.ratio",
+                 "digits.kit_samples_per_s", "digits.plain_samples_per_s", "digits.ratio"],
+    "scaling": ["one_worker_samples_per_s", "two_workers_samples_per_s", "speedup", "efficiency"],
+    "startup": ["kit_s", "torchrun_s", "ratio", "kit_stages_s.ray_ready", "kit_stages_s.first_step"],
+    "ingest": ["ingest_rows_per_s", "train_step_rows_per_s", "ratio"],
+    "end_to_end": ["kit_s", "plain_s", "ratio"],
+}
+
+
+def _figure(result: dict, dotted: str):
+    for key in dotted.split("."):
+        result = result[key]
+    return result
+
+
+def test_steady_rate_counts_the_epochs_after_the_first():
+    # Epoch ends at 10 s, 12 s, 16 s: two measured epochs of 1,000 rows in 6 s.
+    assert perf.steady_samples_per_s([10.0, 12.0, 16.0], 1000) == pytest.approx(2000 / 6)
+    with pytest.raises(AssertionError):
+        perf.steady_samples_per_s([10.0], 1000)
+
+
+def test_quick_harness_runs_every_benchmark_and_emits_every_figure(tmp_path):
+    # Its own process group (it starts an embedded Ray and torchrun): ended by id, whatever happens.
+    process = subprocess.Popen([sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        out, _ = process.communicate(timeout=600)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, out[-3000:]
+    for name, figures in FIGURES.items():
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        assert result["quick"] is True and result["machine"]["cores"] == os.cpu_count()
+        for dotted in figures:
+            value = _figure(result, dotted)
+            assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (name, dotted, value)
+    # The table has one row per figure set: both overhead workloads, then the other four.
+    table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| benchmark")]
+    assert [row.split("|")[1].split("(")[0].strip() for row in table] == [
+        "overhead", "overhead", "scaling", "ingest", "startup", "end_to_end"]
