@@ -155,18 +155,26 @@ def _train_rows(summary: dict) -> int:
     return int(round(history[-1]["samples_per_s"] * history[-1]["epoch_s"]))
 
 
-def scaling(quick: bool, work: str, *, one_worker: Optional[dict] = None) -> dict:
+def scaling(quick: bool, work: str) -> dict:
     """The compute-bound workload at a fixed global batch of 256 and the same rows: 2 workers
-    with 1 CPU each (batch 128 each) over 1 worker with 1 CPU."""
-    rates = {}
+    with 1 CPU each (batch 128 each) over 1 worker with 1 CPU. The same two runs of the plain
+    loop (one process; two under torchrun, DDP over gloo) show what DDP itself costs here."""
+    rates, plain_rates = {}, {}
     for num_workers in (1, 2):
         cfg = kit_experiment("mlp", storage=work, name=f"scaling_{num_workers}", quick=quick,
                              num_workers=num_workers, batch_size=256 // num_workers)
         summary = kit_fit(cfg)
         rates[num_workers] = steady_samples_per_s([h["wall_time"] for h in summary["history"]], _train_rows(summary))
-    speedup = rates[2] / rates[1]
+        _, events = run_plain(["mlp", "--epochs", str(cfg.train.epochs), "--rows", str(cfg.data.num_rows),
+                               "--batch-size", str(256 // num_workers)], nproc=num_workers if num_workers > 1 else 0)
+        epochs = [e for e in events if e["event"] == "epoch"]
+        plain_rates[num_workers] = steady_samples_per_s([e["time"] for e in epochs], epochs[0]["rows"])
+    speedup, plain_speedup = rates[2] / rates[1], plain_rates[2] / plain_rates[1]
     return {"one_worker_samples_per_s": round(rates[1], 1), "two_workers_samples_per_s": round(rates[2], 1),
-            "speedup": round(speedup, 4), "efficiency": round(speedup / 2, 4), "goal": 0.85}
+            "speedup": round(speedup, 4), "efficiency": round(speedup / 2, 4), "goal": 0.85,
+            "plain_one_process_samples_per_s": round(plain_rates[1], 1),
+            "plain_ddp_two_processes_samples_per_s": round(plain_rates[2], 1),
+            "plain_ddp_efficiency": round(plain_speedup / 2, 4)}
 
 
 def startup_and_end_to_end(quick: bool, work: str) -> tuple[dict, dict]:
@@ -188,6 +196,18 @@ def startup_and_end_to_end(quick: bool, work: str) -> tuple[dict, dict]:
     startup = {"kit_s": round(kit_startup, 2), "torchrun_s": round(plain_startup, 2),
                "ratio": round(kit_startup / plain_startup, 3), "goal": 3.0,
                "kit_stages_s": summary["startup"]}
+    if not quick:  # what Ray Train itself costs: the same start with an empty train function
+        floor_storage = os.path.join(work, "bare")
+        os.makedirs(floor_storage, exist_ok=True)
+        started = time.time()
+        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bare_train.py"), floor_storage],
+                              capture_output=True, text=True, timeout=600, start_new_session=True)
+        if done.returncode:
+            raise RuntimeError(f"bare_train.py failed:\n{done.stderr[-2000:]}")
+        floor = json.loads(done.stdout.strip().splitlines()[-1])
+        startup.update({"ray_train_floor_s": round(floor["train_fn"] - started, 2),
+                        "ray_ready_floor_s": round(floor["ray_ready"] - started, 2),
+                        "floor_ratio": round((floor["train_fn"] - started) / plain_startup, 3)})
     end_to_end = {"target_val_accuracy": s["target"], "kit_s": _round(kit_e2e), "plain_s": _round(plain_e2e),
                   "ratio": round(kit_e2e / plain_e2e, 3) if kit_e2e and plain_e2e else None,
                   "kit_best_val_accuracy": summary["best_value"]}

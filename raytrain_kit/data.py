@@ -47,13 +47,28 @@ class DataSpec:
 # Reading
 
 
-def _digits_frame() -> pd.DataFrame:
-    from sklearn.datasets import load_digits
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits (pixels 0..16, labels), read from the file scikit-learn ships:
+    the same arrays as `sklearn.datasets.load_digits`, without its second of importing sklearn."""
+    import importlib.util
+    from pathlib import Path
 
-    bunch = load_digits()
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.exists():  # another layout: let scikit-learn find its file
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        return bunch.data, bunch.target
+    table = np.loadtxt(path, delimiter=",")
+    return table[:, :-1], table[:, -1].astype(np.int64)
+
+
+def _digits_frame() -> pd.DataFrame:
+    pixels, labels = digits_arrays()
     # Pixels are counts 0..16; scale to [0, 1] as is conventional for this data set.
-    frame = pd.DataFrame((bunch.data / 16.0).astype(np.float32), columns=[f"pixel_{i}" for i in range(64)])
-    frame["label"] = bunch.target.astype(np.int64)
+    frame = pd.DataFrame((pixels / 16.0).astype(np.float32), columns=[f"pixel_{i}" for i in range(64)])
+    frame["label"] = labels.astype(np.int64)
     return frame
 
 

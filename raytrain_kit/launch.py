@@ -9,6 +9,7 @@ that `report` and sweeps read. `sweep` reuses `fit`. Exercised by
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from typing import Callable, Optional
@@ -68,15 +69,18 @@ class _ForwardReports(UserCallback):
         self.sent_controller = False
 
     def after_report(self, run_context, metrics, checkpoint):
+        # Sent without waiting for the queue: this runs inside the controller's loop, and a
+        # worker's next report waits for that loop (a blocking put stalled training ~0.3 s a
+        # run). One caller's calls arrive in order; `fit` waits for the last before it returns.
         if not self.sent_controller:
             # This runs on the controller: its handle lets the driver end the run gracefully.
-            self.queue.put({"controller": ray.get_runtime_context().current_actor})
+            self.queue.actor.put_nowait.remote({"controller": ray.get_runtime_context().current_actor})
             self.sent_controller = True
-        self.queue.put(dict(metrics[0], checkpoint=checkpoint.path if checkpoint else None))
+        self.queue.actor.put_nowait.remote(dict(metrics[0], checkpoint=checkpoint.path if checkpoint else None))
 
 
 def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event, abort: threading.Event,
-            on_progress: Optional[Callable[[dict], None]] = None) -> None:
+            on_progress: Optional[Callable[[dict], None]] = None, seen: Optional[dict] = None) -> None:
     """Forward reports to `on_epoch` (and rank 0's in-epoch progress to `on_progress`) until
     `stop`; once `abort` is set, ask Ray Train's controller to abort the run (workers shut down
     cleanly, the placement group is freed)."""
@@ -98,11 +102,29 @@ def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event, abor
             return
         if "controller" in message:
             controller = message["controller"]
+            if seen is not None:
+                seen["controller"] = controller
         elif "progress" in message:
             if on_progress and not aborted:
                 on_progress(message["progress"])
-        elif not aborted:
-            on_epoch(message)
+        elif "end" in message:  # rank 0 finished; its last report may still be on its way
+            if seen is not None:
+                seen["end"] = message["end"]
+        else:
+            if seen is not None:
+                seen["last"] = max(seen.get("last", 0), message["epoch"])
+            if not aborted:
+                on_epoch(message)
+
+
+def _await_last_report(seen: dict, *, timeout_s: float = 60.0) -> None:
+    """After a run that ended normally: wait until the report of the last epoch rank 0 reported
+    (its "end" message) has reached the follower (both travel without waiting)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if "end" in seen and (seen["end"] is None or seen.get("last", 0) >= seen["end"]):
+            return
+        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +184,7 @@ def check_resources(cfg: Experiment) -> None:
 
 def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=(),
                   init_checkpoint: Optional[str] = None, gate: Optional[dict] = None,
-                  progress=None) -> TorchTrainer:
+                  queue=None, progress=None) -> TorchTrainer:
     """In-memory data is cut into per-worker pieces here (`data.split_for_workers`) and handed
     to the workers in their config; streamed data goes through Ray Train's own streaming split."""
     s = cfg.scaling
@@ -171,7 +193,7 @@ def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "spec": spec_to_dict(spec),
                            "init_checkpoint": init_checkpoint, "gate": gate, "run_dir": run_dir(cfg),
-                           "progress": progress,
+                           "queue": queue, "progress": progress is not None,
                            "shards": split_for_workers(datasets, num_workers=s.num_workers) if in_memory else None},
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                      resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
@@ -271,7 +293,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
         report = run_preflight(cfg, datasets["train"], spec)  # raises PreflightError: no worker starts
         log(f"preflight: gradient check {report.status} ({report.num_parameters:,} parameters, "
             f"{report.seconds:.2f} s)" + "".join(f"\n  warning: {w}" for w in report.warnings))
-    startup["preflight_done"] = time.time()
+        startup["preflight_done"] = time.time()
     write_run_file(directory, CONFIG_FILE, to_yaml(cfg))
 
     queue = Queue(actor_options={"num_cpus": 0})
@@ -290,20 +312,34 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
             on_epoch(metrics)
 
     abort = abort or threading.Event()
-    follower = threading.Thread(target=_follow, args=(queue, forward, stop, abort, on_progress), daemon=True)
+    seen: dict = {}
+    follower = threading.Thread(target=_follow, args=(queue, forward, stop, abort, on_progress, seen), daemon=True)
     follower.start()
     trainer = build_trainer(cfg, datasets, spec, callbacks=[_ForwardReports(queue)], init_checkpoint=init_checkpoint,
-                            gate=gate, progress=queue if on_progress else None)
+                            gate=gate, queue=queue, progress=on_progress)
     error, details = None, ""
     fit_started = startup["trainer_started"] = time.time()
+    # Train installs a Ctrl-C handler that holds its controller, which then outlives the run
+    # (an idle process, polling); the process's own handler comes back when the run ends.
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         trainer.fit()
+        if not abort.is_set():
+            _await_last_report(seen)
     except Exception as e:  # TrainingFailedError and friends: report the worker's own error
         error, details = _worker_error(e, directory, since=fit_started), traceback_text(e)
     finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, sigint)
         stop.set()
         follower.join(timeout=10)
         ray.kill(queue.actor)
+        if seen.get("controller") is not None:  # done: end it and the actors it owns now, not at GC
+            try:
+                ray.kill(seen["controller"])
+            except Exception:
+                pass
 
     if abort.is_set():
         error = None  # the run ended because it was asked to

@@ -239,7 +239,8 @@ def write_report(directory: str, *, num_top: int = 10) -> list[str]:
         written = [plot_run(directory)]
         facts = pd.DataFrame([{"status": summary["status"], "metric": summary["metric"],
                                "best": summary["best_value"], "best epoch": summary["best_epoch"],
-                               "epochs": summary["epochs_completed"], "wall s": summary["wall_s"]}])
+                               "epochs": summary["epochs_completed"], "wall s": summary["wall_s"],
+                               "start-up s": (summary.get("startup") or {}).get("first_step")}])
         text = (f"# Run {directory.rsplit('/', 1)[-1]}\n\n{_markdown_table(facts)}\n\n"
                 + (f"Error: {summary['error']}\n\n" if summary.get("error") else "")
                 + f"![learning curves, lr, throughput and time per epoch]({CURVES_PNG})\n")

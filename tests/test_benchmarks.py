@@ -21,7 +21,8 @@ import perf  # noqa: E402
 FIGURES = {
     "overhead": ["mlp.kit_samples_per_s", "mlp.plain_samples_per_s", "mlp.ratio",
                  "digits.kit_samples_per_s", "digits.plain_samples_per_s", "digits.ratio"],
-    "scaling": ["one_worker_samples_per_s", "two_workers_samples_per_s", "speedup", "efficiency"],
+    "scaling": ["one_worker_samples_per_s", "two_workers_samples_per_s", "speedup", "efficiency",
+                "plain_one_process_samples_per_s", "plain_ddp_two_processes_samples_per_s", "plain_ddp_efficiency"],
     "startup": ["kit_s", "torchrun_s", "ratio", "kit_stages_s.ray_ready", "kit_stages_s.first_step"],
     "ingest": ["ingest_rows_per_s", "train_step_rows_per_s", "ratio"],
     "end_to_end": ["kit_s", "plain_s", "ratio"],
@@ -58,7 +59,8 @@ def test_quick_harness_runs_every_benchmark_and_emits_every_figure(tmp_path):
         for dotted in figures:
             value = _figure(result, dotted)
             assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (name, dotted, value)
-    # The table has one row per figure set: both overhead workloads, then the other four.
+    # The table has a row per figure set: start-up and end to end (measured first, on an idle
+    # machine), both overhead workloads, scaling of the kit and of plain DDP, ingest.
     table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| benchmark")]
     assert [row.split("|")[1].split("(")[0].strip() for row in table] == [
-        "overhead", "overhead", "scaling", "ingest", "startup", "end_to_end"]
+        "startup", "end_to_end", "overhead", "overhead", "scaling", "scaling, plain DDP", "ingest"]

@@ -84,3 +84,14 @@ def test_bad_label_range_names_column_and_file(ray_session, tmp_path):
     cfg = build_experiment({"data": {"source": "csv", "path": str(path), "num_classes": 3}})
     with pytest.raises(DataError, match=rf"label column 'label' in {path} has value 7 outside \[0, 3\)"):
         build_datasets(cfg)
+
+
+def test_digits_read_from_scikit_learns_file_equal_load_digits():
+    from sklearn.datasets import load_digits
+
+    from raytrain_kit.data import digits_arrays
+
+    pixels, labels = digits_arrays()
+    bunch = load_digits()
+    assert pixels.shape == (1797, 64) and np.array_equal(pixels, bunch.data)
+    assert labels.dtype == np.int64 and np.array_equal(labels, bunch.target)
