@@ -85,8 +85,7 @@ def run_perf(names: list[str], *, quick: bool) -> dict[str, dict]:
         if "scaling" in names:
             results["scaling"] = perf.scaling(quick, work)
         if "ingest" in names:
-            step_rate = results.get("overhead", {}).get("mlp", {}).get("kit_samples_per_s")
-            results["ingest"] = perf.ingest(quick, work, step_rate=step_rate)
+            results["ingest"] = perf.ingest(quick, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
