@@ -22,6 +22,7 @@ import ray
 # does not fit will never be scheduled. A real cluster may autoscale to fit it.
 _started_embedded_ray = False
 _ray_ready_at: Optional[float] = None
+IMPORTED_AT = time.time()  # the start-up timeline's origin where the process's start is unknown
 
 
 def connect(address: Optional[str] = None, *, verbose: bool = False) -> None:

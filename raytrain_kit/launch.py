@@ -209,9 +209,13 @@ def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=
 
 
 def _process_started() -> float:
-    import psutil  # a dependency of ray[default]
+    """When this process started: the origin of the start-up timeline."""
+    try:
+        import psutil  # Ray ships a copy and puts it on sys.path when imported
 
-    return psutil.Process().create_time()
+        return psutil.Process().create_time()
+    except Exception:  # no psutil: the timeline starts when the kit was imported
+        return cluster.IMPORTED_AT
 
 
 # Start-up stages in the order they happen; the workers' come from rank 0's first report.
