@@ -73,12 +73,6 @@ def check_same_model(workload: str, cfg) -> None:
     assert all(torch.equal(kit[k], reference[k]) for k in kit), f"{workload}: initial weights differ"
 
 
-def kit_fit(cfg) -> dict:
-    from raytrain_kit.launch import fit
-
-    return fit(cfg)
-
-
 def steady_samples_per_s(wall_times: list[float], rows_per_epoch: int) -> float:
     """Rows per second over the epochs after the first, timed from the end of epoch 1 to the end
     of the last, evaluation and per-epoch bookkeeping included."""
@@ -141,7 +135,9 @@ def kit_rate(workload: str, *, quick: bool, work: str, num_workers: int = 1, bat
         cfg = kit_experiment(workload, storage=work, name=f"{workload}_{num_workers}x{batch_size}", quick=quick,
                              num_workers=num_workers, batch_size=batch_size)
         check_same_model(workload, cfg)
-        summary = kit_fit(cfg)
+        from raytrain_kit.launch import fit
+
+        summary = fit(cfg)
         _MEASURED[key] = steady_samples_per_s([h["wall_time"] for h in summary["history"]], _train_rows(summary))
     return _MEASURED[key]
 

@@ -80,10 +80,11 @@ class _ForwardReports(UserCallback):
 
 
 def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event, abort: threading.Event,
-            on_progress: Optional[Callable[[dict], None]] = None, seen: Optional[dict] = None) -> None:
+            on_progress: Optional[Callable[[dict], None]], seen: dict) -> None:
     """Forward reports to `on_epoch` (and rank 0's in-epoch progress to `on_progress`) until
     `stop`; once `abort` is set, ask Ray Train's controller to abort the run (workers shut down
-    cleanly, the placement group is freed)."""
+    cleanly, the placement group is freed). `seen` gets the controller's handle, the last epoch
+    received and rank 0's end message (see `_await_last_report`)."""
     from ray.exceptions import RayActorError
     from ray.util.queue import Empty
 
@@ -101,18 +102,14 @@ def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event, abor
         except RayActorError:  # the queue went with its owner: a sweep trial being stopped
             return
         if "controller" in message:
-            controller = message["controller"]
-            if seen is not None:
-                seen["controller"] = controller
+            controller = seen["controller"] = message["controller"]
         elif "progress" in message:
             if on_progress and not aborted:
                 on_progress(message["progress"])
         elif "end" in message:  # rank 0 finished; its last report may still be on its way
-            if seen is not None:
-                seen["end"] = message["end"]
+            seen["end"] = message["end"]
         else:
-            if seen is not None:
-                seen["last"] = max(seen.get("last", 0), message["epoch"])
+            seen["last"] = max(seen.get("last", 0), message["epoch"])
             if not aborted:
                 on_epoch(message)
 
