@@ -1,11 +1,20 @@
 """Checkpoint contents: what a run needs to continue exactly where it stopped.
 
-A checkpoint directory holds `model.pt` (the plain, unwrapped `state_dict`: loadable by
-`torch.load(..., weights_only=True)` into the model `build_model` returns), `train_state.pt`
-(optimizer, scheduler, epoch, step), `history.json` (every epoch's metrics so far) and one
-`rng_rank{r}.pt` per worker, so a resumed run draws the same dropout masks as an uninterrupted
-one. Rank 0 writes the run-level files; every rank writes its own RNG file; each write is
-atomic (temp file + rename). Exercised by `tests/test_train.py::test_resume_*`.
+A checkpoint directory holds `train_state.pt` (scheduler, epoch, step), `history.json` (every
+epoch's metrics so far) and one `rng_rank{r}.pt` per worker, so a resumed run draws the same
+dropout masks as an uninterrupted one. The model and optimizer are stored in one of two ways:
+
+- strategy ddp: `model.pt`, the plain, unwrapped `state_dict` (loadable by
+  `torch.load(..., weights_only=True)` into the model `build_model` returns), and the optimizer
+  in `train_state.pt`; rank 0 writes them.
+- fsdp/hsdp: `sharded/`, a `torch.distributed.checkpoint` in which every rank writes its own
+  shards of both. It is read back by any number of workers (each reads the pieces its new shards
+  need), and `export_model_state` turns it into a plain `state_dict` in one process.
+
+Rank 0 writes the run-level files; every rank writes its own RNG file; each write is atomic
+(temp file + rename), and a sharded checkpoint becomes one only when Ray Train registers it, after
+every rank's files arrived. Exercised by `tests/test_train.py::test_resume_*` and
+`tests/test_parallel.py`.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ CHECKPOINT_PREFIX = "checkpoint_epoch_"  # + zero-padded epoch: sorts by name
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint of {"model": ..., "optimizer": ...}
 
 
 def _rng_file(rank: int) -> str:
@@ -87,12 +97,55 @@ def write_checkpoint(directory: Path, *, rank: int, model_state: dict | None, tr
 
 
 def read_checkpoint(directory: Path, *, rank: int) -> dict:
-    """Everything a worker restores: model, train state, history and (if saved) its own RNG."""
+    """What a worker restores from files: the whole model (ddp checkpoints; a sharded one is read
+    by `load_sharded`), the train state, the history and (if saved) its own RNG."""
     directory = Path(directory)
     rng_path = directory / _rng_file(rank)
+    sharded = (directory / SHARDED_DIR).is_dir()
     return {
-        "model": load_torch(directory / MODEL_FILE),
+        "sharded": sharded,
+        "model": None if sharded else load_torch(directory / MODEL_FILE),
         "train_state": load_torch(directory / STATE_FILE),
         "history": json.loads((directory / HISTORY_FILE).read_text()),
         "rng": load_torch(rng_path) if rng_path.exists() else None,
     }
+
+
+def write_sharded(directory: Path, *, model, optimizer) -> None:
+    """Every rank calls this: each writes its shards of the model and optimizer state, rank 0 the
+    metadata that maps them to whole tensors. Keys are the plain model's parameter names."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(Path(directory) / SHARDED_DIR))
+
+
+def load_sharded(directory: Path, *, model, optimizer) -> None:
+    """Every rank calls this: fill this run's model and optimizer (sharded or whole, any number of
+    workers) from a sharded checkpoint, each rank reading only what its own tensors need."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(Path(directory) / SHARDED_DIR))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def export_model_state(directory: Path) -> dict:
+    """The plain `state_dict` of a checkpoint's model, in this process (no process group): as it
+    is for ddp checkpoints, reassembled from every rank's shards for sharded ones."""
+    directory = Path(directory)
+    if not (directory / SHARDED_DIR).is_dir():
+        return load_torch(directory / MODEL_FILE)
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict = {}
+    # What torch's own `format_utils.dcp_to_torch_save` does, restricted to the model: the
+    # planner builds whole tensors from the metadata, so the optimizer state is never read.
+    _load_state_dict(state, storage_reader=FileSystemReader(str(directory / SHARDED_DIR)),
+                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    return {name: tensor.contiguous() for name, tensor in state["model"].items()}

@@ -1,4 +1,4 @@
-"""Command line: `raytrain-kit validate | check | train | tune | report | submit | reference`;
+"""Command line: `raytrain-kit validate | check | train | tune | report | export | submit | reference`;
 maps errors to exit codes.
 
 A `KitError` is printed as one line per problem (`error: ...`) with exit code 2 (bad input),
@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--working-dir", default=".", help="folder sent with the job (default: .)")
     p.add_argument("--requirements", default=None, help="pip requirements file installed for the job")
     p.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    p = sub.add_parser("export", help="write a run's model as a plain state_dict file (whole tensors, also from "
+                                      "sharded checkpoints), for torch.load(..., weights_only=True)")
+    p.add_argument("directory", help="a run directory (as train printed it)")
+    p.add_argument("out", help="file to write, e.g. model.pt")
+    p.add_argument("--epoch", type=int, default=None, help="that epoch's checkpoint (default: the summary's best, else the latest)")
     sub.add_parser("reference", help="print the config reference (Markdown) generated from the config models")
     return parser
 
@@ -172,6 +177,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
             for path in write_report(args.directory):
                 print(path)
+            return 0
+        if args.command == "export":
+            from raytrain_kit.launch import export_run
+
+            used, num_parameters = export_run(args.directory, args.out, epoch=args.epoch)
+            print(f"wrote {args.out}: {num_parameters:,} parameters from {used}")
             return 0
         if args.command == "check":
             return _check(args)

@@ -164,7 +164,7 @@ class TrainConfig(_Section):
     epochs: int = Field(default=10, ge=1)
     """Passes over the training data."""
     batch_size: int = Field(default=64, ge=1)
-    """Samples per worker per step; the global batch is batch_size * scaling.num_workers."""
+    """Samples per worker per forward pass; an optimizer step's global batch is batch_size * train.grad_accum_steps * scaling.num_workers."""
     seed: int = 0
     """Seeds the split, initialization, shuffling and dropout: same seed and worker count, same metrics."""
     eval_every: int = Field(default=1, ge=1)
@@ -179,11 +179,21 @@ class TrainConfig(_Section):
     """skip / rollback: non-finite steps (or rollbacks) tolerated before the run stops."""
     rollback_lr_factor: float = Field(default=0.5, gt=0.0, lt=1.0)
     """rollback: factor the lr (and the schedule's base) is multiplied by at each rollback."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Arithmetic of forward and backward: fp32; bf16 autocast (CPU and GPU; under fsdp/hsdp parameters are gathered in bf16, gradients reduced in fp32); fp16 with a gradient scaler (GPU only). Weights and optimizer state stay fp32."""
+    grad_accum_steps: int = Field(default=1, ge=1)
+    """Micro-batches of batch_size accumulated into each optimizer step; gradients are synchronised only on the last one. Schedules count optimizer steps."""
 
 
 class ScalingConfig(_Section):
     num_workers: int = Field(default=1, ge=1)
-    """Data-parallel training workers (DDP processes)."""
+    """Data-parallel training workers (processes)."""
+    strategy: Literal["ddp", "fsdp", "hsdp"] = "ddp"
+    """ddp: every worker holds the whole model; fsdp: parameters, gradients and optimizer state sharded across all workers (FSDP2); hsdp: sharded within groups of shard_group_size workers, replicated across groups (keeps the heavy traffic inside a node)."""
+    shard_group_size: Optional[int] = Field(default=None, ge=1)
+    """hsdp: workers per shard group (typically the workers of one node); must divide num_workers."""
+    fsdp_blocks: Optional[list[str]] = None
+    """fsdp/hsdp: class names of the modules sharded as one unit each (gathered just before use, freed after). Default: Linear, Conv2d and recurrent layers for mlp/cnn/rnn; for custom models only the whole model unless given."""
     use_gpu: bool = False
     """One GPU per worker (NCCL); otherwise CPU with gloo."""
     cpus_per_worker: float = Field(default=1.0, gt=0.0)
@@ -385,6 +395,7 @@ class Experiment(_Section):
             problems.append("data.input_shape: cnn needs an image shape [C, H, W] for the feature vector")
         if self.schedule.kind == "plateau" and self.schedule.warmup_steps:
             problems.append("schedule.warmup_steps: not supported with kind 'plateau'; set it to 0 or pick another kind")
+        problems += _scaling_problems(self)
         if d.task == "regression" and self.train.metric == "val_accuracy":
             problems.append("train.metric: val_accuracy needs data.task: classification; use val_loss")
         if self.tune is not None:
@@ -435,6 +446,28 @@ def _unknown_path(dotted: str) -> Optional[str]:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None if i == len(parts) - 1 else f"{'.'.join(parts[: i + 1])} is a value, not a section"
     return f"{dotted} is a section; name one of its keys"
+
+
+def _scaling_problems(cfg: "Experiment") -> list[str]:
+    s, t = cfg.scaling, cfg.train
+    problems = []
+    if s.strategy == "hsdp":
+        if s.shard_group_size is None:
+            problems.append("scaling.shard_group_size: required for strategy hsdp (workers per shard group, "
+                            "e.g. the workers of one node)")
+        elif s.num_workers % s.shard_group_size:
+            problems.append(f"scaling.shard_group_size: {s.shard_group_size} does not divide scaling.num_workers "
+                            f"({s.num_workers}); hsdp needs equal shard groups")
+    elif s.shard_group_size is not None:
+        problems.append(f"scaling.shard_group_size: only used with strategy hsdp (strategy is {s.strategy!r})")
+    if s.fsdp_blocks is not None and s.strategy == "ddp":
+        problems.append("scaling.fsdp_blocks: only used with strategy fsdp or hsdp (strategy is 'ddp')")
+    if t.precision == "fp16" and not s.use_gpu:
+        problems.append("train.precision: fp16 needs GPUs (scaling.use_gpu: true); on CPU use bf16 or fp32")
+    if s.strategy != "ddp" and t.on_nonfinite == "rollback":
+        problems.append(f"train.on_nonfinite: rollback keeps a copy of the whole model in memory, which strategy "
+                        f"{s.strategy} exists to avoid; use stop or skip")
+    return problems
 
 
 def _tune_problems(cfg: "Experiment") -> list[str]:

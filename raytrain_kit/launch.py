@@ -27,10 +27,11 @@ from raytrain_kit.config import Experiment, to_yaml
 from raytrain_kit.data import DataSpec, build_datasets, split_for_workers
 from raytrain_kit.errors import ConfigError, KitError, RunError, short_message, traceback_text
 from raytrain_kit.models import build_model
+from raytrain_kit.parallel import check_blocks
 from raytrain_kit.preflight import run_preflight
 from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file  # noqa: F401 (re-exported)
 from raytrain_kit.tracking import RunRecorder, check_tracking
-from raytrain_kit.worker import STARTUP, spec_to_dict, train_loop_per_worker
+from raytrain_kit.worker import STARTUP, STEP_LOSSES, spec_to_dict, train_loop_per_worker
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
@@ -205,6 +206,18 @@ def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=
     )
 
 
+def describe_scaling(cfg: Experiment) -> str:
+    """`training: 2 workers, fsdp, bf16; global batch 128 = 32 x 2 micro-batches x 2 workers`"""
+    s, t = cfg.scaling, cfg.train
+    how = s.strategy + (f" (shard groups of {s.shard_group_size})" if s.strategy == "hsdp" else "")
+    parts = [f"{s.num_workers} worker{'s' if s.num_workers > 1 else ''}", how, t.precision]
+    global_batch = t.batch_size * t.grad_accum_steps * s.num_workers
+    terms = [str(t.batch_size)] + ([f"{t.grad_accum_steps} micro-batches"] if t.grad_accum_steps > 1 else []) + \
+        ([f"{s.num_workers} workers"] if s.num_workers > 1 else [])
+    formula = f" = {' x '.join(terms)}" if len(terms) > 1 else ""
+    return f"training:      {', '.join(parts)}; global batch {global_batch}{formula} per optimizer step"
+
+
 def _process_started() -> float:
     """When this process started: the origin of the start-up timeline."""
     try:
@@ -284,7 +297,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     # Build the model once here: a bad custom target or an input shape the architecture cannot
     # take fails now, with a config error, instead of inside every worker.
     try:
-        build_model(cfg, spec)
+        check_blocks(build_model(cfg, spec), cfg)
     except KitError:
         raise
     except Exception as e:
@@ -296,6 +309,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
             f"{report.seconds:.2f} s)" + "".join(f"\n  warning: {w}" for w in report.warnings))
         startup["preflight_done"] = time.time()
     write_run_file(directory, CONFIG_FILE, to_yaml(cfg))
+    log(describe_scaling(cfg))
 
     queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()
@@ -304,9 +318,10 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
 
     def forward(metrics: dict) -> None:
         startup.update(metrics.pop(STARTUP, None) or {})
+        step_losses = metrics.pop(STEP_LOSSES, None)
         reports.append(metrics)
         try:
-            recorder.on_epoch(metrics)
+            recorder.on_epoch(metrics, step_losses=step_losses)
         except Exception as e:  # a record that cannot be written must not end the training
             log(f"warning: run records: {type(e).__name__}: {short_message(e)}")
         if on_epoch:
@@ -406,6 +421,48 @@ def remove_orphan_checkpoints(directory: str) -> list[str]:
     for name in orphans:
         fs.delete_dir(f"{path}/{name}")
     return orphans
+
+
+def export_run(directory: str, out: str, *, epoch: Optional[int] = None) -> tuple[str, int]:
+    """Write the model of a run's checkpoint to `out` as a plain `state_dict` (loadable with
+    `torch.load(..., weights_only=True)` into the model `build_model` returns): the summary's
+    checkpoint (the best epoch's, if kept), else the latest, or `epoch`'s. Sharded checkpoints are
+    reassembled in this process. Returns (checkpoint used, number of parameters)."""
+    import json
+    import shutil
+    import tempfile
+
+    from raytrain_kit.errors import RunError
+
+    directory = directory.rstrip("/")
+    kept = checkpoint_dirs(directory)
+    if not kept:
+        raise ConfigError(f"{directory}: no checkpoint there; give a run directory as `train` printed it")
+    if epoch is not None:
+        if epoch not in kept:
+            raise ConfigError(f"--epoch: no checkpoint of epoch {epoch} in {directory}; kept: "
+                              f"{', '.join(str(e) for e in sorted(kept))}")
+        chosen = kept[epoch]
+    else:
+        chosen = kept[max(kept)]
+        if path_exists(f"{directory}/{SUMMARY_FILE}"):
+            chosen = json.loads(read_run_file(directory, SUMMARY_FILE)).get("checkpoint") or chosen
+    local, fetched = chosen, None
+    if "://" in chosen:  # torch reads local files: fetch the checkpoint first
+        fs, path = filesystem(chosen)
+        fetched = local = tempfile.mkdtemp(prefix="raytrain-kit-export-")
+        pafs.copy_files(path, local, source_filesystem=fs)
+    try:
+        state = ckpt.export_model_state(local)
+    except Exception as e:
+        raise RunError(f"{chosen}: cannot read the model ({type(e).__name__}: {short_message(e)})") from None
+    finally:
+        if fetched:
+            shutil.rmtree(fetched, ignore_errors=True)
+    out_path = os.path.abspath(out)
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    ckpt.save_torch(state, out_path)
+    return chosen, sum(t.numel() for t in state.values() if t.is_floating_point())
 
 
 def worker_failures(directory: str, *, since: float = 0.0) -> list[dict]:

@@ -69,6 +69,22 @@ def penalty(model: nn.Module, *, l1: float, l2: float) -> torch.Tensor:
     return total
 
 
+def add_penalty_gradients(model: nn.Module, *, l1: float, l2: float) -> None:
+    """Add the gradient of `penalty` to each weight's gradient: l1 * sign(w) + 2 * l2 * w.
+    Added after backward (and after the gradients are averaged across workers) rather than
+    through autograd: once per optimizer step whatever the micro-batches, and elementwise, so it
+    works on sharded weights (each worker updates its own shard)."""
+    if not (l1 or l2):
+        return
+    with torch.no_grad():
+        for w in weight_parameters(model):
+            extra = l1 * torch.sign(w) + (2 * l2) * w if l1 else (2 * l2) * w
+            if w.grad is None:
+                w.grad = extra
+            else:
+                w.grad.add_(extra)
+
+
 def lr_at(step: int, *, base_lr: float, cfg: ScheduleConfig, total_steps: int) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup, then the decay."""
     if step < cfg.warmup_steps:

@@ -22,6 +22,7 @@ from raytrain_kit.errors import ConfigError, short_message
 from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file
 
 METRICS_CSV = "metrics.csv"
+STEPS_CSV = "steps.csv"  # epoch, step, train_loss of every optimizer step
 TENSORBOARD_DIR = "tensorboard"
 HISTOGRAMS = "histograms"  # the report key rank 0 fills on histogram epochs
 NUM_BINS = 30
@@ -36,19 +37,23 @@ def histogram_epoch(cfg: Experiment, epoch: int) -> bool:
     return bool(every) and (epoch % every == 0 or epoch == cfg.train.epochs)
 
 
-def layer_histograms(model) -> dict[str, dict]:
+def layer_histograms(parameters) -> dict[str, dict]:
     """Per parameter tensor: a histogram of its values (TensorBoard's raw form) and the norm of
-    its current gradient (the epoch's last step); small enough to travel in a report."""
+    its current gradient (the epoch's last step); small enough to travel in a report.
+    `parameters`: a module, or (name, values, gradient) triples (the worker's whole tensors
+    gathered from shards)."""
     import numpy as np
 
+    if hasattr(parameters, "named_parameters"):
+        parameters = ((name, p.detach(), p.grad) for name, p in parameters.named_parameters())
     out: dict[str, dict] = {}
-    for name, p in model.named_parameters():
-        values = p.detach().float().cpu().numpy().ravel().astype(np.float64)
+    for name, p, grad in parameters:
+        values = p.float().cpu().numpy().ravel().astype(np.float64)
         counts, edges = np.histogram(values, bins=NUM_BINS)
         out[name] = {"min": float(values.min()), "max": float(values.max()), "num": int(values.size),
                      "sum": float(values.sum()), "sum_squares": float((values ** 2).sum()),
                      "bucket_limits": edges[1:].tolist(), "bucket_counts": counts.tolist(),
-                     "grad_norm": float(p.grad.norm()) if p.grad is not None else None}
+                     "grad_norm": float(grad.norm()) if grad is not None else None}
     return out
 
 
@@ -56,6 +61,14 @@ def scalar_metrics(metrics: dict) -> dict[str, float]:
     """The numbers of a report (no booleans, paths or histograms), in a stable order."""
     return {k: v if isinstance(v, int) else float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _read_table(directory: str, name: str) -> list[dict]:
+    """Rows of a run's CSV written by `metrics_table` (none if it is not there)."""
+    if not path_exists(f"{directory}/{name}"):
+        return []
+    return [{k: _number(v) for k, v in row.items() if v != ""}
+            for row in csv.DictReader(io.StringIO(read_run_file(directory, name).decode()))]
 
 
 def _number(text: str) -> int | float:
@@ -110,10 +123,8 @@ class RunRecorder:
     def __init__(self, cfg: Experiment, directory: str, *, resume: bool, parent_mlflow_run: Optional[str] = None):
 
         self.cfg, self.directory = cfg, directory
-        self.rows: list[dict] = []
-        if resume and path_exists(f"{directory}/{METRICS_CSV}"):
-            self.rows = [{k: _number(v) for k, v in row.items() if v != ""}
-                         for row in csv.DictReader(io.StringIO(read_run_file(directory, METRICS_CSV).decode()))]
+        self.rows = _read_table(directory, METRICS_CSV) if resume else []
+        self.step_rows = _read_table(directory, STEPS_CSV) if resume else []
         self.writer, self.tb_local, self.tb_upload = None, None, None
         if cfg.tracking.tensorboard:
             from tensorboardX import SummaryWriter
@@ -127,13 +138,21 @@ class RunRecorder:
         if cfg.tracking.mlflow_uri:
             self.mlflow_run = start_mlflow_run(cfg, resume=resume, parent=parent_mlflow_run)
 
-    def on_epoch(self, metrics: dict) -> None:
-
+    def on_epoch(self, metrics: dict, *, step_losses: Optional[Sequence[float]] = None) -> None:
+        """One epoch's report; `step_losses`: the mean loss of each of its optimizer steps."""
         epoch = int(metrics["epoch"])
         row = scalar_metrics(metrics)
         # A run resumed from an earlier checkpoint trains some epochs again: the new rows replace them.
         self.rows = [r for r in self.rows if r.get("epoch", math.inf) < epoch] + [row]
         write_run_file(self.directory, METRICS_CSV, metrics_table(self.rows))
+        if step_losses is not None:
+            first = int(metrics["step"]) - len(step_losses) + 1
+            steps = [{"epoch": epoch, "step": first + i, "train_loss": loss} for i, loss in enumerate(step_losses)]
+            self.step_rows = [r for r in self.step_rows if r.get("epoch", math.inf) < epoch] + steps
+            write_run_file(self.directory, STEPS_CSV, metrics_table(self.step_rows))
+            if self.writer is not None:
+                for r in steps:
+                    self.writer.add_scalar("train_loss_step", r["train_loss"], r["step"], walltime=metrics.get("wall_time"))
         # The worker's wall clock at the epoch's end dates the points; it is not a curve itself.
         wall_time = row.get("wall_time")
         plotted = {k: v for k, v in row.items() if k not in ("epoch", "wall_time") and math.isfinite(v)}

@@ -9,13 +9,16 @@ restores the latest checkpoint, reports metrics every epoch and a checkpoint eve
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
+import itertools
 import logging
 import math
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -25,13 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from raytrain_kit import checkpoint as ckpt
+from raytrain_kit import parallel
 from raytrain_kit.config import Experiment, build_experiment
 from raytrain_kit.data import DataSpec, read_block_ranges
 from raytrain_kit.errors import traceback_text
 from raytrain_kit.models import build_model
-from raytrain_kit.optim import (apply_decoupled_weight_decay, build_optimizer, build_scheduler,
-                                current_lr, load_scheduler_state, penalty,
-                                scheduler_state)
+from raytrain_kit.optim import (add_penalty_gradients, apply_decoupled_weight_decay, build_optimizer,
+                                build_scheduler, current_lr, load_scheduler_state, scheduler_state)
 from raytrain_kit.storage import write_run_file
 from raytrain_kit.tracking import HISTOGRAMS, histogram_epoch, layer_histograms
 
@@ -39,6 +42,9 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 # Report key of rank 0's first report in a worker process: wall-clock times of its start-up
 # stages (`launch.fit` puts them in the summary's `startup`); never part of the history.
 STARTUP = "startup"
+# Report key of rank 0's reports: the mean loss of each optimizer step of the epoch, over every
+# worker's rows (`launch.fit` writes them to steps.csv); never part of the history.
+STEP_LOSSES = "step_losses"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,6 +103,7 @@ class EpochResult:
     compute_s: float = 0.0  # forward, backward and the optimizer step
     sync_s: float = 0.0  # gradient all-reduce not hidden behind backward (see SyncTimer)
     first_step_at: Optional[float] = None  # wall-clock time of the epoch's first optimizer step
+    step_losses: list = field(default_factory=list)  # (loss * rows, rows) of this worker, per step taken
 
 
 class SyncTimer:
@@ -128,15 +135,20 @@ class SyncTimer:
 def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
                 optimizer: torch.optim.Optimizer, scheduler=None, penalty_model: Optional[nn.Module] = None,
                 nonfinite_budget: int = 0, sync_timer: Optional[SyncTimer] = None,
-                on_batch: Optional[Callable[[int, int, float], None]] = None) -> EpochResult:
-    """One pass: loss (+ L1/L2 penalty) -> backward -> clip -> decoupled decay -> step.
+                on_batch: Optional[Callable[[int, int, float], None]] = None,
+                precision: Callable[[], Any] = contextlib.nullcontext, scaler=None) -> EpochResult:
+    """One pass. Each optimizer step takes `train.grad_accum_steps` micro-batches: forward (in
+    `precision()`, an autocast or nothing) -> backward of each one's share of the step's mean
+    loss, gradients synchronised across workers on the last only -> L1/L2 penalty gradients ->
+    clip -> decoupled decay -> step.
 
     `penalty_model` is the unwrapped model whose weights are penalized (DDP's `.module`). A step
     whose gradients are not finite is never applied; under `train.on_nonfinite: skip` the epoch
     goes on while fewer than `nonfinite_budget` such steps were seen, otherwise it stops there.
-    DDP has already averaged the gradients, so every rank takes the same decision.
-    Times the epoch into data / compute / sync seconds; `on_batch(batches, samples, loss)`
-    after every batch feeds a progress bar.
+    The gradients are already averaged (or, sharded, their norm is global), so every rank takes
+    the same decision. An fp16 `scaler` skips overflowing steps itself and lowers its scale:
+    those are not counted as non-finite. Times the epoch into data / compute / sync seconds;
+    `on_batch(batches, samples, loss)` after every step feeds a progress bar.
     """
     classification = cfg.data.task == "classification"
     reg = cfg.regularization
@@ -148,34 +160,56 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
     it = iter(batches)
     while True:
         waited = time.perf_counter()
-        try:
-            x, y = next(it)
-        except StopIteration:
-            break
+        group = list(itertools.islice(it, cfg.train.grad_accum_steps))
         result.data_s += time.perf_counter() - waited
-        num_batches += 1
-        outputs = model(x)
-        loss = loss_for(outputs, y, classification=classification)
-        total = loss + penalty(penalized, l1=reg.l1, l2=reg.l2) if (reg.l1 or reg.l2) else loss
+        if not group:
+            break
+        num_batches += len(group)
+        rows = sum(y.shape[0] for _, y in group)
         optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        micro: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for j, (x, y) in enumerate(group):
+            last = j == len(group) - 1
+            with parallel.gradient_sync(model, enabled=last):
+                with precision():
+                    outputs = model(x)
+                loss = loss_for(outputs.float(), y, classification=classification)
+                # Each micro-batch's share of the mean over the step's rows: the gradient is the
+                # one a single batch of all of them would give.
+                share = loss * (y.shape[0] / rows) if len(group) > 1 else loss
+                (scaler.scale(share) if scaler is not None else share).backward()
+            micro.append((loss.detach(), outputs.detach(), y))
         if sync_timer is not None:
             result.sync_s += sync_timer.exposed_since(time.perf_counter())
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        add_penalty_gradients(penalized, l1=reg.l1, l2=reg.l2)
         grad_norm = gradient_norm(model, clip=reg.grad_clip_norm)
         if not torch.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
+            if scaler is not None and all(bool(torch.isfinite(loss)) for loss, _, _ in micro):
+                scaler.update()  # fp16 overflow: the scaler lowers its scale and the step is dropped
+                continue
             result.num_nonfinite += 1
             if cfg.train.on_nonfinite != "skip" or result.num_nonfinite > nonfinite_budget:
                 result.stopped = True
                 break
             continue
         apply_decoupled_weight_decay(optimizer, weight_decay=reg.weight_decay, name=cfg.optim.name)
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         if result.first_step_at is None:
             result.first_step_at = time.time()
         if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
             scheduler.step()
-        result.sums.add(loss, outputs, y, classification)
+        step_loss = 0.0
+        for loss, outputs, y in micro:
+            result.sums.add(loss, outputs, y, classification)
+            step_loss += float(loss) * y.shape[0]
+        result.step_losses.append((step_loss, rows))
         result.num_steps += 1
         if on_batch is not None:
             on_batch(num_batches, int(result.sums.samples), result.sums.loss / max(result.sums.samples, 1))
@@ -185,20 +219,36 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
 
 def gradient_norm(model: nn.Module, *, clip: Optional[float]) -> torch.Tensor:
     """The gradients' global norm (NaN/inf when any is not finite), clipped to `clip` if set.
-    Without clipping only the norm is computed: clip_grad_norm_ with an infinite bound would
-    still rescale every gradient by 1.0, a pass over them all each step."""
+    Sharded gradients give their norm over every shard. Without clipping only the norm is
+    computed: clip_grad_norm_ with an infinite bound would still rescale every gradient by 1.0."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = parallel.full_value(nn.utils.get_total_norm(grads))
     if clip:
-        return nn.utils.clip_grad_norm_(model.parameters(), clip)
-    return nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+        nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], clip, norm)
+    return norm
+
+
+def global_step_losses(step_losses: list[tuple[float, int]]) -> list[float]:
+    """Each optimizer step's mean loss over the rows of every worker (rank order is irrelevant)."""
+    if not step_losses:
+        return []
+    t = torch.tensor(step_losses, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return (t[:, 0] / t[:, 1]).tolist()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[Batch], *, classification: bool) -> EpochSums:
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Optional[torch.Tensor]]], *,
+             classification: bool, precision: Callable[[], Any] = contextlib.nullcontext) -> EpochSums:
+    """Loss and accuracy sums; a batch without targets (`parallel.lockstep`'s filler) only runs forward."""
     sums = EpochSums()
     model.eval()
     for x, y in batches:
-        outputs = model(x)
-        sums.add(loss_for(outputs, y, classification=classification), outputs, y, classification)
+        with precision():
+            outputs = model(x)
+        if y is not None:
+            sums.add(loss_for(outputs.float(), y, classification=classification), outputs.float(), y, classification)
     return sums
 
 
@@ -240,7 +290,9 @@ def _streamed(shard, *, dtypes: dict, shape: tuple[int, ...], batch_size: int,
 
 def _restore(model: nn.Module, optimizer, scheduler, *, rank: int, cfg, init_checkpoint: Optional[str]) -> tuple[int, int, list]:
     """Load the latest reported checkpoint of this run, else `init_checkpoint` (another run's: a
-    sweep trial continuing from a clone), if any; returns (next epoch, global step, history)."""
+    sweep trial continuing from a clone), if any; returns (next epoch, global step, history).
+    Every rank calls it: a sharded checkpoint is read collectively, each rank reading the pieces
+    of its own shards, whatever the number of workers that wrote it."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -251,9 +303,15 @@ def _restore(model: nn.Module, optimizer, scheduler, *, rank: int, cfg, init_che
         return 0, 0, []
     with checkpoint.as_directory() as directory:
         saved = ckpt.read_checkpoint(Path(directory), rank=rank)
-    model.load_state_dict(saved["model"])
+        if saved["sharded"]:
+            ckpt.load_sharded(Path(directory), model=model, optimizer=optimizer)
+        elif parallel.is_sharded(cfg):
+            raise ValueError(f"checkpoint {checkpoint.path} was written by strategy ddp and holds whole tensors; "
+                             "resume it with scaling.strategy: ddp, or start a new run from its exported weights")
     state = saved["train_state"]
-    optimizer.load_state_dict(state["optimizer"])
+    if not saved["sharded"]:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(state["optimizer"])
     load_scheduler_state(scheduler, state["scheduler"])
     if saved["rng"] is not None:
         ckpt.set_rng_state(saved["rng"])
@@ -346,15 +404,24 @@ def _train_loop(loop_config: dict, where: dict) -> None:
 
     # Each rank gets its own dropout stream; a restored checkpoint replaces it below.
     torch.manual_seed(cfg.train.seed * 7919 + rank)
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    sharded = parallel.is_sharded(cfg)
     model = build_model(cfg, spec)  # identical on every rank: seeded by train.seed alone
+    # DDP around it, or sharded in place; the optimizer comes after, since sharding replaces the
+    # parameters with DTensors.
+    module = parallel.wrap_model(model, cfg, world_size=world_size, device=device)
     rows_per_worker = spec.num_train_rows // world_size  # Ray splits into equal shards
-    steps_per_epoch = max(1, math.ceil(rows_per_worker / cfg.train.batch_size))
+    batches_per_epoch = max(1, math.ceil(rows_per_worker / cfg.train.batch_size))
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum_steps)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps=cfg.train.epochs * steps_per_epoch)
     start_epoch, step, history = _restore(model, optimizer, scheduler, rank=rank, cfg=cfg,
                                          init_checkpoint=loop_config.get("init_checkpoint"))
-    ddp_model = ray.train.torch.prepare_model(model) if world_size > 1 else model
-    sync_timer = SyncTimer().register(ddp_model) if world_size > 1 else None
+    from torch.nn.parallel import DistributedDataParallel
+
+    sync_timer = SyncTimer().register(module) if isinstance(module, DistributedDataParallel) else None
+    precision = functools.partial(parallel.autocast, cfg, device)
+    scaler = parallel.build_grad_scaler(cfg, device)
     progress = loop_config.get("queue") if rank == 0 and loop_config.get("progress") else None
     startup["model_ready"] = time.time()  # DDP's wrapping waits for every rank
 
@@ -385,13 +452,16 @@ def _train_loop(loop_config: dict, where: dict) -> None:
             seed = cfg.train.seed * 1_000_003 + epoch * world_size + rank if cfg.data.shuffle else None
             train_batches = _streamed(train_shard, dtypes=dtypes, shape=spec.input_shape,
                                       batch_size=cfg.train.batch_size, shuffle_seed=seed)
+        if device.type != "cpu":
+            train_batches = _on_device(train_batches, device)
         lr = current_lr(optimizer)
-        on_batch = _progress_sender(progress, epoch=epoch + 1, num_batches=steps_per_epoch, world_size=world_size,
+        on_batch = _progress_sender(progress, epoch=epoch + 1, num_batches=batches_per_epoch, world_size=world_size,
                                     where=where, first_step=step)
-        result = train_epoch(ddp_model, train_batches, cfg=cfg, optimizer=optimizer, scheduler=scheduler,
+        result = train_epoch(module, train_batches, cfg=cfg, optimizer=optimizer, scheduler=scheduler,
                              penalty_model=model, nonfinite_budget=cfg.train.max_skipped_steps - num_nonfinite,
-                             sync_timer=sync_timer, on_batch=on_batch)
+                             sync_timer=sync_timer, on_batch=on_batch, precision=precision, scaler=scaler)
         num_nonfinite += result.num_nonfinite
+        step_losses = global_step_losses(result.step_losses)
         step += result.num_steps
         sums = result.sums.all_reduce()
         seconds = time.perf_counter() - started
@@ -402,6 +472,7 @@ def _train_loop(loop_config: dict, where: dict) -> None:
                    "nonfinite_steps": num_nonfinite}
         if classification:
             metrics["train_accuracy"] = sums.correct / sums.samples if sums.samples else float("nan")
+        metrics.update(_memory_metrics(model, optimizer, device))
 
         if result.stopped and rollback and num_nonfinite <= cfg.train.max_skipped_steps:
             # Back to the latest checkpoint's weights and optimizer, at a lower lr; redo this epoch.
@@ -411,7 +482,7 @@ def _train_loop(loop_config: dict, where: dict) -> None:
             epoch = last_good["epoch"] + 1
             del history[epoch:]  # epochs after that checkpoint are trained again
             continue
-        finite = not result.stopped and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        finite = not result.stopped and parallel.all_finite(model, sharded=sharded)
         if not finite:
             # Never checkpoint non-finite weights: the latest good checkpoint stays the result.
             ray.train.report({**metrics, "nonfinite_stop": True})
@@ -425,9 +496,13 @@ def _train_loop(loop_config: dict, where: dict) -> None:
                            if cfg.data.in_memory else
                            _streamed(val_shard, dtypes=dtypes, shape=spec.input_shape,
                                      batch_size=cfg.train.batch_size * 4, shuffle_seed=None))
-            # The plain module: validation pieces may differ in length by a row, and DDP's forward
-            # may hold collectives (buffer broadcasts) that every rank must join equally often.
-            val = evaluate(model, val_batches, classification=classification).all_reduce()
+            if device.type != "cpu":
+                val_batches = _on_device(val_batches, device)
+            if sharded:  # every forward gathers weights: all ranks run as many, whatever their piece
+                val_batches = parallel.lockstep(val_batches, dummy_x=torch.zeros((1, *spec.input_shape), device=device))
+            # Under ddp the plain module: validation pieces may differ in length by a row, and DDP's
+            # forward may hold collectives (buffer broadcasts) that every rank must join equally often.
+            val = evaluate(model, val_batches, classification=classification, precision=precision).all_reduce()
             metrics["val_loss"] = val.loss / val.samples
             if classification:
                 metrics["val_accuracy"] = val.correct / val.samples
@@ -437,9 +512,14 @@ def _train_loop(loop_config: dict, where: dict) -> None:
         history.append(metrics)
         epoch += 1
 
-        reported = metrics
-        if rank == 0 and cfg.tracking.tensorboard and histogram_epoch(cfg, epoch):
-            reported = {**metrics, HISTOGRAMS: layer_histograms(model)}  # for TensorBoard, not the history
+        reported = {**metrics, STEP_LOSSES: step_losses} if rank == 0 else metrics  # records, not the history
+        if cfg.tracking.tensorboard and histogram_epoch(cfg, epoch):
+            named = _named_parameter_values(model, sharded=sharded)  # gathers shards: every rank takes part
+            if rank == 0:
+                reported = {**reported, HISTOGRAMS: layer_histograms(named)}
+            else:
+                for _ in named:
+                    pass
         if rank == 0 and startup is not None:
             reported = {**reported, STARTUP: {**startup, "first_step": result.first_step_at}}
             startup = None
@@ -451,10 +531,13 @@ def _train_loop(loop_config: dict, where: dict) -> None:
                 last_good = _snapshot(model, optimizer, scheduler, epoch=epoch - 1, step=step)
             directory = Path(tempfile.mkdtemp(prefix="raytrain-kit-ckpt-"))
             try:
-                train_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler_state(scheduler),
-                               "epoch": epoch - 1, "step": step}
+                train_state = {"scheduler": scheduler_state(scheduler), "epoch": epoch - 1, "step": step}
+                if sharded:  # every rank writes its own shards of the model and optimizer
+                    ckpt.write_sharded(directory, model=model, optimizer=optimizer)
+                else:
+                    train_state["optimizer"] = optimizer.state_dict()
                 ckpt.write_checkpoint(directory, rank=rank,
-                                      model_state=model.state_dict() if rank == 0 else None,
+                                      model_state=model.state_dict() if rank == 0 and not sharded else None,
                                       train_state=train_state if rank == 0 else None,
                                       history=history if rank == 0 else None)
                 ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(str(directory)),
@@ -463,6 +546,33 @@ def _train_loop(loop_config: dict, where: dict) -> None:
                 shutil.rmtree(directory, ignore_errors=True)
         if not last:
             wait_at_gate(loop_config.get("gate"), epoch)
+
+
+def _on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
+    for x, y in batches:
+        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def _named_parameter_values(model: nn.Module, *, sharded: bool) -> Iterator[tuple[str, torch.Tensor, Optional[torch.Tensor]]]:
+    """(name, values, gradient) of each parameter, whole: sharded ones are gathered one at a time,
+    so at most one full tensor exists at once; every rank must iterate it to the end."""
+    for name, p in model.named_parameters():
+        values = parallel.full_value(p.detach())
+        grad = parallel.full_value(p.grad) if p.grad is not None else None
+        yield name, values, grad
+
+
+def _memory_metrics(model: nn.Module, optimizer, device: torch.device) -> dict[str, float]:
+    """The largest worker's parameter + gradient + optimizer bytes (its shards under fsdp) and
+    peak resident memory, in MB; and its peak GPU memory on GPUs. One small all-reduce."""
+    figures = [parallel.state_bytes(model, optimizer), parallel.peak_rss_bytes()]
+    if device.type == "cuda":
+        figures.append(torch.cuda.max_memory_allocated(device))
+    t = torch.tensor(figures, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    names = ("state_mb", "peak_rss_mb", "gpu_peak_mb")
+    return {name: round(v / 2**20, 4) for name, v in zip(names, t.tolist())}
 
 
 def _progress_sender(progress: Optional[Any], *, epoch: int, num_batches: int, world_size: int, where: dict, first_step: int,
