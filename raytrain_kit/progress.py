@@ -24,7 +24,8 @@ def format_epoch(m: dict, *, total_epochs: int) -> str:
         parts.append(f"val_accuracy {m['val_accuracy']:.4f}")
     parts += [f"lr {m['lr']:.2e}", f"{m['samples_per_s']:,.0f} samples/s"]
     if "data_s" in m:  # where the epoch's time went
-        parts.append(f"(data {m['data_s']:.2f}s compute {m['compute_s']:.2f}s sync {m['sync_s']:.2f}s)")
+        sync = f" sync {m['sync_s']:.2f}s" if "sync_s" in m else ""  # not measured under fsdp/hsdp
+        parts.append(f"(data {m['data_s']:.2f}s compute {m['compute_s']:.2f}s{sync})")
     if m.get("checkpoint"):
         parts.append("[checkpoint]")
     if m.get("nonfinite_steps"):

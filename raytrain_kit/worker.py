@@ -468,8 +468,11 @@ def _train_loop(loop_config: dict, where: dict) -> None:
         metrics = {"epoch": epoch + 1, "step": step, "lr": lr,
                    "train_loss": sums.loss / sums.samples if sums.samples else float("nan"),
                    "samples_per_s": sums.samples / max(seconds, 1e-9), "epoch_s": seconds,
-                   "data_s": result.data_s, "compute_s": result.compute_s, "sync_s": result.sync_s,
-                   "nonfinite_steps": num_nonfinite}
+                   "data_s": result.data_s, "compute_s": result.compute_s, "nonfinite_steps": num_nonfinite}
+        if not sharded:
+            # Under fsdp/hsdp FSDP2 overlaps its gathers and reduce-scatters with compute, and the
+            # time they are not hidden has no hook to be read from: it stays in compute_s.
+            metrics["sync_s"] = result.sync_s
         if classification:
             metrics["train_accuracy"] = sums.correct / sums.samples if sums.samples else float("nan")
         metrics.update(_memory_metrics(model, optimizer, device))

@@ -138,3 +138,37 @@ def test_main_job_reaches_95_percent(tmp_path):
     # The preflight gradient check ran, passed, and came before the first epoch.
     assert "preflight: gradient check pass (" in done.stdout
     assert done.stdout.index("preflight:") < done.stdout.index("epoch   1/15")
+
+
+def test_fsdp_job_in_bf16_then_export(tmp_path):
+    """jobs/fsdp_mlp.yaml, shrunk, under bf16 (FSDP2's mixed-precision policy), then `export`:
+    a plain state_dict that loads strictly into the model build_model returns."""
+    import torch
+
+    from raytrain_kit.config import load_experiment
+    from raytrain_kit.data import DataSpec
+    from raytrain_kit.models import build_model
+
+    overrides = [f"run.storage_path={tmp_path}", "data.num_rows=3000", "model.hidden=[256, 256]", "train.epochs=2",
+                 "schedule.warmup_steps=5", "optim.lr=0.002",
+                 "train.precision=bf16"]
+    done = _run_cli("train", "jobs/fsdp_mlp.yaml", *[a for o in overrides for a in ("--set", o)], timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("training:      2 workers, fsdp, bf16; global batch 256 = 64 x 2 micro-batches x 2 workers "
+            "per optimizer step") in done.stdout
+    summary = json.loads((tmp_path / "fsdp_mlp" / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["final_metrics"]["step"] == 2 * 10  # per worker 1200 rows: 19 micro-batches, 10 steps
+    assert summary["best_value"] > 0.3  # 10 classes: well above chance after two epochs
+    assert sorted(p.name for p in Path(summary["checkpoint"], "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+
+    out = tmp_path / "model.pt"
+    done = _run_cli("export", str(tmp_path / "fsdp_mlp"), str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    cfg = load_experiment(REPO / "jobs/fsdp_mlp.yaml", overrides)
+    model = build_model(cfg, DataSpec(num_features=128, num_classes=10, input_shape=(128,), num_train_rows=2400,
+                                      num_val_rows=600))
+    num_parameters = sum(p.numel() for p in model.parameters())
+    assert done.stdout.strip() == f"wrote {out}: {num_parameters:,} parameters from {summary['checkpoint']}"
+    model.load_state_dict(torch.load(out, weights_only=True))  # strict
+    done = _run_cli("export", str(tmp_path / "fsdp_mlp"), str(out), "--epoch", "7")
+    assert done.returncode == 2 and done.stderr.startswith("error: --epoch: no checkpoint of epoch 7")

@@ -53,6 +53,12 @@ def test_derived_metric_and_mode():
     ({"schedule": {"kind": "plateau", "warmup_steps": 5}}, "schedule.warmup_steps: not supported"),
     ({"data": {"source": "synthetic", "num_classes": 0}}, "data.num_classes: 0 makes a regression target"),
     ({"model": {"kind": "custom", "target": "nocolon"}}, "model.target: 'nocolon' is not 'package.module:callable'"),
+    ({"scaling": {"strategy": "hsdp", "num_workers": 4}}, "scaling.shard_group_size: required for strategy hsdp"),
+    ({"scaling": {"strategy": "hsdp", "num_workers": 4, "shard_group_size": 3}}, "scaling.shard_group_size: 3 does not divide"),
+    ({"scaling": {"shard_group_size": 2}}, "scaling.shard_group_size: only used with strategy hsdp (strategy is 'ddp')"),
+    ({"scaling": {"fsdp_blocks": ["Linear"]}}, "scaling.fsdp_blocks: only used with strategy fsdp or hsdp"),
+    ({"train": {"precision": "fp16"}}, "train.precision: fp16 needs GPUs (scaling.use_gpu: true); on CPU use bf16 or fp32"),
+    ({"scaling": {"strategy": "fsdp"}, "train": {"on_nonfinite": "rollback"}}, "train.on_nonfinite: rollback keeps a copy"),
 ])
 def test_cross_field_errors(raw, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):

@@ -12,7 +12,8 @@ from torch import nn
 from raytrain_kit.config import InitConfig, ScheduleConfig, build_experiment
 from raytrain_kit.initializers import apply_init
 from raytrain_kit.optim import (apply_decoupled_weight_decay, build_optimizer, build_scheduler,
-                                load_scheduler_state, lr_at, penalty, scheduler_state)
+                                load_scheduler_state, lr_at, penalty, scheduler_state,
+                                add_penalty_gradients)
 
 
 def _init(scheme: str, shape=(256, 512), **kw) -> nn.Linear:
@@ -180,6 +181,19 @@ def test_penalty_gradients_touch_weights_only():
     assert penalty(model, l1=0, l2=0.25).item() == pytest.approx(expected.item())
 
 
+def test_penalty_gradients_added_after_backward_equal_the_penalty_s_autograd():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    x = torch.randn(7, 5)
+    (model(x).square().mean() + penalty(model, l1=0.3, l2=0.25)).backward()
+    through_autograd = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    add_penalty_gradients(model, l1=0.3, l2=0.25)
+    for expected, p in zip(through_autograd, model.parameters()):
+        assert torch.allclose(p.grad, expected, atol=1e-7)
+
+
 def test_decoupled_weight_decay_spares_biases():
     cfg = build_experiment({"optim": {"name": "sgd", "lr": 0.5}, "regularization": {"weight_decay": 0.1}})
     model = nn.Linear(3, 2)
@@ -209,3 +223,30 @@ def test_every_optimizer_lowers_the_loss(name, extra):
         losses.append(loss.item())
     assert type(opt).__name__.lower() == name
     assert losses[-1] < 0.5 * losses[0], losses[::20]
+
+
+# ---- gradient accumulation -------------------------------------------------------------------
+
+def test_accumulating_k_micro_batches_of_b_equals_one_batch_of_k_b():
+    """43 rows: batches of 15 (15, 15, 13) against 3 micro-batches of 5 (the last step's are
+    5, 5, 3): the same steps, losses and weights, with clipping and penalties in the step."""
+    from raytrain_kit.worker import in_memory_batches, train_epoch
+
+    torch.manual_seed(0)
+    x, y = torch.randn(43, 6), torch.randint(0, 3, (43,))
+    results, states = [], []
+    for batch_size, accum in ((15, 1), (5, 3)):
+        cfg = build_experiment({"optim": {"name": "adam", "lr": 0.1}, "train": {"batch_size": batch_size, "grad_accum_steps": accum},
+                                "regularization": {"l1": 1e-3, "l2": 1e-3, "grad_clip_norm": 0.5}})
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        optimizer = build_optimizer(model, cfg)
+        epochs = [train_epoch(model, in_memory_batches(x, y, batch_size=batch_size), cfg=cfg, optimizer=optimizer)
+                  for _ in range(5)]
+        results.append([loss / rows for e in epochs for loss, rows in e.step_losses])
+        states.append(model.state_dict())
+        assert [e.num_steps for e in epochs] == [3] * 5
+    assert results[0] == pytest.approx(results[1], rel=1e-5)
+    assert results[0][-1] < 0.8 * results[0][0]
+    for name, value in states[0].items():
+        assert torch.allclose(value, states[1][name], atol=1e-5), name

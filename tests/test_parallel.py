@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain_kit.config import build_experiment, with_overrides
+from raytrain_kit.config import build_experiment, load_experiment, with_overrides
 from raytrain_kit.data import DataSpec
 from raytrain_kit.launch import fit
 from raytrain_kit.models import build_model
 from raytrain_kit.tracking import STEPS_CSV
 from raytrain_kit.worker import evaluate, in_memory_batches
 
+REPO = Path(__file__).resolve().parents[1]
 NUM_FEATURES, NUM_CLASSES, NUM_ROWS, NUM_VAL_ROWS, GLOBAL_BATCH = 6, 3, 192, 42, 16
 
 
@@ -154,3 +155,24 @@ def test_sharded_checkpoint_resumes_on_one_and_on_four_workers(runs):
         assert summary["history"][-1]["step"] == 48
         np.testing.assert_allclose(step_losses(summary["run_dir"], first_step=first_step)[-12:], reference, rtol=1e-4)
         assert summary["history"][-1]["val_loss"] == pytest.approx(runs["single"]["history"][-1]["val_loss"], rel=1e-4)
+
+
+def test_bf16_on_cpu_trains_the_main_job_past_its_bar(ray_session, tmp_path):
+    """jobs/digits.yaml (2 ddp workers) with bf16 autocast reaches the spine's bar of 0.95."""
+    cfg = load_experiment(REPO / "jobs/digits.yaml", ["train.precision=bf16", f"run.storage_path={tmp_path}",
+                                                      "tracking.tensorboard=false"])
+    summary = fit(cfg)
+    assert summary["status"] == "finished" and summary["epochs_completed"] == 15
+    assert summary["final_metrics"]["val_accuracy"] >= 0.95
+
+
+def test_precision_casts_where_each_strategy_expects():
+    from raytrain_kit.parallel import autocast
+
+    x, layer, cpu = torch.randn(4, 3), torch.nn.Linear(3, 2), torch.device("cpu")
+    with autocast(build_experiment({"train": {"precision": "bf16"}}), cpu):
+        assert layer(x).dtype == torch.bfloat16  # ddp: autocast around forward
+    with autocast(build_experiment({"train": {"precision": "bf16"}, "scaling": {"strategy": "fsdp"}}), cpu):
+        assert layer(x).dtype == torch.float32  # fsdp: FSDP2's policy casts the gathered weights instead
+    with autocast(build_experiment({}), cpu):
+        assert layer(x).dtype == torch.float32
