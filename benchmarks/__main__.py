@@ -3,7 +3,8 @@ reference in one run; a Markdown table on stdout and `benchmarks/results/<name>.
 
 The performance set (overhead, scaling, startup, ingest, end_to_end; see benchmarks/perf.py)
 runs by default. The benchmarks of other issues plug in by name and run only when asked:
-`--only gradcheck` (benchmarks/gradcheck_bench.py) and `--only tune` (benchmarks/tune_bench.py).
+`--only gradcheck` (benchmarks/gradcheck_bench.py), `--only tune` (benchmarks/tune_bench.py) and
+`--only memory` (benchmarks/memory_bench.py).
 `--quick` shrinks every size for a smoke run (CI checks that it runs and emits every figure,
 never a speed threshold).
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PERF = ("overhead", "scaling", "startup", "ingest", "end_to_end")
-SCRIPTS = {"gradcheck": "gradcheck_bench.py", "tune": "tune_bench.py"}  # their own issues' benchmarks
+SCRIPTS = {"gradcheck": "gradcheck_bench.py", "tune": "tune_bench.py", "memory": "memory_bench.py"}  # their own issues' benchmarks
 
 
 def machine() -> dict:
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
     for name, result in results.items():
         (args.out / f"{name}.json").write_text(json.dumps({"machine": info, "quick": args.quick, **result}, indent=1))
         table += ["| " + " | ".join(row) + " |" for row in rows_of(name, result)]
+    if not results:  # only standalone scripts ran; they printed their own tables
+        return 0
     print(f"\n{info['cores']} cores, torch {info['torch']}, ray {info['ray']}, {info['platform']}"
           f"{' (--quick sizes)' if args.quick else ''}\n")
     print("\n".join(table))

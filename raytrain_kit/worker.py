@@ -170,7 +170,8 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
         micro: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for j, (x, y) in enumerate(group):
             last = j == len(group) - 1
-            with parallel.gradient_sync(model, enabled=last):
+            # One micro-batch a step: synchronised as always, without asking the wrapper each time.
+            with parallel.gradient_sync(model, enabled=last) if len(group) > 1 else contextlib.nullcontext():
                 with precision():
                     outputs = model(x)
                 loss = loss_for(outputs.float(), y, classification=classification)

@@ -64,3 +64,14 @@ def test_quick_harness_runs_every_benchmark_and_emits_every_figure(tmp_path):
     table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| benchmark")]
     assert [row.split("|")[1].split("(")[0].strip() for row in table] == [
         "startup", "end_to_end", "overhead", "overhead", "scaling", "scaling, plain DDP", "ingest"]
+
+
+def test_gpu_check_skips_with_a_message_where_there_is_no_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: benchmarks/gpu_check.sh would train on it")
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env={**os.environ, "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "gpu_check: no GPU on this machine (torch.cuda.is_available() is False): skipped"

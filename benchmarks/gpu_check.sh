@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# GPU check for the parallel strategies and precisions: trains a shrunk jobs/fsdp_mlp.yaml on the
+# machine's GPUs under ddp and fsdp, each in fp32, bf16 and fp16, and prints one line per run
+# (final validation accuracy, samples/s, per-worker state and peak GPU memory). Skips, with a
+# message and exit code 0, on a machine without GPUs. Run from the repository root:
+#
+#     bash benchmarks/gpu_check.sh [NUM_WORKERS]     # default: every GPU, at most 2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+
+num_gpus=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+if [ "$num_gpus" -eq 0 ]; then
+    echo "gpu_check: no GPU on this machine (torch.cuda.is_available() is False): skipped"
+    exit 0
+fi
+workers=${1:-$(( num_gpus < 2 ? num_gpus : 2 ))}
+storage=$(mktemp -d /tmp/raytrain-kit-gpu-XXXXXX)
+trap 'rm -rf "$storage"' EXIT
+"$PYTHON" -c "import torch; print('gpu_check:', torch.cuda.device_count(), 'x', torch.cuda.get_device_name(0), '- torch', torch.__version__)"
+
+failed=0
+for strategy in ddp fsdp; do
+    for precision in fp32 bf16 fp16; do
+        name="${strategy}_${precision}"
+        if ! "$PYTHON" -m raytrain_kit train jobs/fsdp_mlp.yaml --quiet \
+                --set run.name="$name" --set run.storage_path="$storage" \
+                --set scaling.use_gpu=true --set scaling.num_workers="$workers" \
+                --set scaling.strategy="$strategy" --set train.precision="$precision" \
+                --set data.num_rows=8000 --set train.epochs=3 --set schedule.warmup_steps=5 \
+                > "$storage/$name.log" 2>&1; then
+            echo "gpu_check: $name FAILED:"; tail -20 "$storage/$name.log"; failed=1; continue
+        fi
+        "$PYTHON" - "$storage/$name/summary.json" "$name" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+m = s["final_metrics"]
+print(f"gpu_check: {sys.argv[2]:<10} {s['status']}  val_accuracy {m['val_accuracy']:.4f}  "
+      f"{m['samples_per_s']:,.0f} samples/s  state {m['state_mb']:,.1f} MB/worker  "
+      f"GPU peak {m.get('gpu_peak_mb', float('nan')):,.0f} MB/worker")
+PY
+    done
+done
+exit $failed
