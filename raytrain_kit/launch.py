@@ -27,7 +27,7 @@ from raytrain_kit.config import Experiment, to_yaml
 from raytrain_kit.data import DataSpec, build_datasets, split_for_workers
 from raytrain_kit.errors import ConfigError, KitError, RunError, short_message, traceback_text
 from raytrain_kit.models import build_model
-from raytrain_kit.parallel import check_blocks
+from raytrain_kit.parallel import check_blocks, is_sharded
 from raytrain_kit.preflight import run_preflight
 from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file  # noqa: F401 (re-exported)
 from raytrain_kit.tracking import RunRecorder, check_tracking
@@ -165,6 +165,15 @@ def check_shared_storage(cfg: Experiment) -> None:
                           "storage: an s3:// or gs:// URI, or an NFS mount at the same path on every node")
 
 
+def check_checkpoint_strategy(cfg: Experiment, directory: str) -> None:
+    """A sharded run cannot start from whole-tensor (ddp) checkpoints: say so before launch. (The
+    other way works: a ddp run reads a sharded checkpoint's whole tensors.)"""
+    kept = checkpoint_dirs(directory)
+    if kept and is_sharded(cfg) and not path_exists(f"{kept[max(kept)]}/{ckpt.SHARDED_DIR}"):
+        raise ConfigError(f"scaling.strategy: run {cfg.run.name!r} was checkpointed by strategy ddp (whole tensors); "
+                          f"resume it with --set scaling.strategy=ddp, or export its model and start a new run")
+
+
 def check_resources(cfg: Experiment) -> None:
     """An embedded Ray cannot grow: asking for more than it has would wait forever."""
     if not started_embedded_ray():
@@ -289,6 +298,8 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
                           f"it, or --set run.name=<new name> to start another")
     if resume and not exists:
         raise ConfigError(f"--resume: no run {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
+    if resume:
+        check_checkpoint_strategy(cfg, directory)
     check_resources(cfg)
     check_shared_storage(cfg)
     check_tracking(cfg)

@@ -12,6 +12,7 @@ import torch
 
 from raytrain_kit.config import build_experiment, load_experiment, with_overrides
 from raytrain_kit.data import DataSpec
+from raytrain_kit.errors import ConfigError
 from raytrain_kit.launch import fit
 from raytrain_kit.models import build_model
 from raytrain_kit.tracking import STEPS_CSV
@@ -137,7 +138,8 @@ def test_export_gives_a_plain_state_dict_with_the_same_validation_loss(runs, tmp
 
 def test_sharded_checkpoint_resumes_on_one_and_on_four_workers(runs):
     """The fsdp run's epoch-3 checkpoint, written by 2 workers, goes on for a 4th epoch on 1
-    worker and on 4: both continue exactly as the single process's uninterrupted 4th epoch."""
+    worker and on 4 (and under ddp): each continues exactly as the single process's
+    uninterrupted 4th epoch."""
     from raytrain_kit.launch import checkpoint_dirs
 
     fsdp = runs["fsdp"]
@@ -149,12 +151,18 @@ def test_sharded_checkpoint_resumes_on_one_and_on_four_workers(runs):
     four = fit(with_overrides(fsdp["cfg"], {"scaling.num_workers": 4, "train.batch_size": 4, "train.epochs": 4,
                                             "scaling.cpus_per_worker": 0.5}),
                datasets_and_spec=_datasets(4), resume=True)
+    # A ddp run reads the whole tensors out of the same shards.
+    ddp = fit(_config(runs["storage"], "ddp_from_fsdp", num_workers=2, epochs=4), datasets_and_spec=_datasets(2),
+              init_checkpoint=checkpoint)
     # The clone records only the steps it took; the resumed run keeps its first three epochs'.
-    for summary, first_step in ((one, 37), (four, 1)):
+    for summary, first_step in ((one, 37), (four, 1), (ddp, 37)):
         assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4]
         assert summary["history"][-1]["step"] == 48
         np.testing.assert_allclose(step_losses(summary["run_dir"], first_step=first_step)[-12:], reference, rtol=1e-4)
         assert summary["history"][-1]["val_loss"] == pytest.approx(runs["single"]["history"][-1]["val_loss"], rel=1e-4)
+    # The other way is refused before launch: ddp's whole-tensor checkpoints cannot feed shards.
+    with pytest.raises(ConfigError, match="scaling.strategy: run 'ddp' was checkpointed by strategy ddp"):
+        fit(with_overrides(runs["ddp"]["cfg"], {"scaling.strategy": "fsdp"}), datasets_and_spec=_datasets(2), resume=True)
 
 
 def test_bf16_on_cpu_trains_the_main_job_past_its_bar(ray_session, tmp_path):
