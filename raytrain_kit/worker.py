@@ -2,9 +2,10 @@
 
 The maths (`train_epoch`, `evaluate`, `loss_for`) take plain batches and run without Ray, so
 tests can compare a DDP run with a single process step by step. `train_loop_per_worker` is the
-only user of Ray Train's worker APIs: it reads its dataset shard, wraps the model in DDP,
-restores the latest checkpoint, reports metrics every epoch and a checkpoint every
-`checkpoint.every_epochs`. Exercised by `raytrain-kit train jobs/digits.yaml`.
+only user of Ray Train's worker APIs: it reads its dataset shard, wraps the model
+(`parallel.wrap_model`: DDP, FSDP or hybrid sharding), restores the latest checkpoint, reports
+metrics (and each step's loss) every epoch and a checkpoint every `checkpoint.every_epochs`.
+Exercised by `raytrain-kit train jobs/digits.yaml` and `jobs/fsdp_mlp.yaml`.
 """
 
 from __future__ import annotations
