@@ -443,8 +443,6 @@ def export_run(directory: str, out: str, *, epoch: Optional[int] = None) -> tupl
     import shutil
     import tempfile
 
-    from raytrain_kit.errors import RunError
-
     directory = directory.rstrip("/")
     kept = checkpoint_dirs(directory)
     if not kept:
