@@ -174,6 +174,25 @@ def check_checkpoint_strategy(cfg: Experiment, directory: str) -> None:
                           f"resume it with --set scaling.strategy=ddp, or export its model and start a new run")
 
 
+def check_streaming_resources(cfg: Experiment, datasets: dict) -> None:
+    """Streamed data still to be read or prepared runs as Ray Data tasks of 1 CPU each, every
+    epoch: on an embedded Ray whose CPUs the workers all reserve, they never start and training
+    waits forever. Refuse that before launch (data already materialized streams without tasks)."""
+    from ray.data.dataset import MaterializedDataset
+
+    if cfg.data.in_memory or not started_embedded_ray():
+        return
+    if all(isinstance(ds, MaterializedDataset) for ds in datasets.values()):
+        return
+    s = cfg.scaling
+    total, need_cpu = ray.cluster_resources().get("CPU", 0), s.num_workers * s.cpus_per_worker
+    if total - need_cpu < 1 - 1e-9:
+        raise ConfigError(f"data.in_memory: false streams every epoch through Ray Data tasks, which need a CPU the "
+                          f"workers leave free, but {s.num_workers} workers x {s.cpus_per_worker} CPUs take {need_cpu:g} "
+                          f"of the Ray cluster's {total:g}; lower scaling.cpus_per_worker (fractions work) or set "
+                          "data.in_memory: true")
+
+
 def check_resources(cfg: Experiment) -> None:
     """An embedded Ray cannot grow: asking for more than it has would wait forever."""
     if not started_embedded_ray():
@@ -304,6 +323,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     check_shared_storage(cfg)
     check_tracking(cfg)
     datasets, spec = datasets_and_spec or build_datasets(cfg)
+    check_streaming_resources(cfg, datasets)
     startup["datasets_built"] = time.time()
     # Build the model once here: a bad custom target or an input shape the architecture cannot
     # take fails now, with a config error, instead of inside every worker.
