@@ -13,13 +13,24 @@ import time
 from pathlib import Path
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
+    """`n` free ports, none handed out before by this process: the OS may give a port it just
+    closed again, and Ray refuses to start two of its components on one port (a head's GCS once
+    drew its node manager's port)."""
+    sockets, ports = [], []
+    while len(ports) < n:
+        s = socket.socket()
         s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
+        sockets.append(s)  # held open until all are chosen: distinct within this call
+        port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            ports.append(port)
     for s in sockets:
         s.close()
+    _HANDED_OUT.update(ports)
     return ports
 
 
