@@ -519,11 +519,10 @@ def _train_loop(loop_config: dict, where: dict) -> None:
 
         reported = {**metrics, STEP_LOSSES: step_losses} if rank == 0 else metrics  # records, not the history
         if cfg.tracking.tensorboard and histogram_epoch(cfg, epoch):
-            named = _named_parameter_values(model, sharded=sharded)  # gathers shards: every rank takes part
             if rank == 0:
-                reported = {**reported, HISTOGRAMS: layer_histograms(named)}
-            else:
-                for _ in named:
+                reported = {**reported, HISTOGRAMS: layer_histograms(_named_parameter_values(model))}
+            elif sharded:  # gathering shards is a collective: every rank takes part
+                for _ in _named_parameter_values(model):
                     pass
         if rank == 0 and startup is not None:
             reported = {**reported, STARTUP: {**startup, "first_step": result.first_step_at}}
@@ -558,7 +557,7 @@ def _on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def _named_parameter_values(model: nn.Module, *, sharded: bool) -> Iterator[tuple[str, torch.Tensor, Optional[torch.Tensor]]]:
+def _named_parameter_values(model: nn.Module) -> Iterator[tuple[str, torch.Tensor, Optional[torch.Tensor]]]:
     """(name, values, gradient) of each parameter, whole: sharded ones are gathered one at a time,
     so at most one full tensor exists at once; every rank must iterate it to the end."""
     for name, p in model.named_parameters():
