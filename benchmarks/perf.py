@@ -28,7 +28,7 @@ import plain  # noqa: E402  (the reference loop; imports only torch and numpy)
 
 def sizes(quick: bool) -> dict:
     """Rows and epochs per workload; the first epoch of each run is warm-up, never measured."""
-    return {"mlp_rows": 20_000 if quick else 200_000, "mlp_epochs": 3 if quick else 4,
+    return {"mlp_rows": 10_000 if quick else 200_000, "mlp_epochs": 3 if quick else 4,
             "digits_epochs": 4 if quick else 15, "target": 0.8 if quick else 0.95}
 
 

@@ -22,7 +22,8 @@ import ray
 # does not fit will never be scheduled. A real cluster may autoscale to fit it.
 _started_embedded_ray = False
 _ray_ready_at: Optional[float] = None
-IMPORTED_AT = time.time()  # the start-up timeline's origin where the process's start is unknown
+IMPORTED_AT = time.time()
+IDLE_WORKERS_KEPT = 6  # worker processes an embedded Ray keeps beyond one per CPU (see `connect`)  # the start-up timeline's origin where the process's start is unknown
 
 
 def connect(address: Optional[str] = None, *, verbose: bool = False) -> None:
@@ -57,11 +58,23 @@ def connect(address: Optional[str] = None, *, verbose: bool = False) -> None:
         # see its controller (and stopped Tune trials leak their CPUs); port 0 = any free port.
         # Ray Train's PlacementGroupCleaner finds the State API through RAY_API_SERVER_ADDRESS
         # (inherited by this Ray's processes); left unset it may find another Ray on the machine.
+        num_cpus = os.cpu_count() or 1
+        # Ray ends an idle worker process (one that ran Ray Data's tasks or the preflight, torch
+        # imported) a second after its worker processes outnumber its CPUs, and a run's Train
+        # actors (controller, cleaner, synchronization, workers) outnumber 2 CPUs: every later
+        # run in this process (a sweep's trials, a session of fits) started them anew, about 2 s
+        # a run on 2 cores. A few more idle processes cost only memory.
+        pool = {"num_workers_soft_limit": num_cpus + IDLE_WORKERS_KEPT}
+        # Ray Train watches for preempted nodes (cloud spot instances being drained) with one more
+        # actor process per run; an embedded Ray is this machine alone and is never preempted,
+        # and that process's start costs a 2-worker run about 1 s on 2 cores. Propagated by Train.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         for attempt in range(2):
             port = _free_port()
             os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
             try:
-                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_port=port, **quiet)
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port,
+                         _system_config=pool, **quiet)
                 break
             except Exception as e:
                 # On a loaded machine the raylet can give up waiting for its agents ("timed out
