@@ -1,10 +1,10 @@
 """Joining a Ray cluster, or starting an embedded one, the way every command needs it.
 
 `connect` picks the cluster (an address, else RAY_ADDRESS as `ray job submit` sets it, else an
-embedded local Ray with its dashboard for the State API), quiets Ray's own logging and progress
-bars, and overlaps Ray's start with importing torch. It imports nothing heavier than Ray, so the
-CLI can start Ray before the rest of the kit loads. Exercised by every command and by the
-suite's shared `ray_session` fixture.
+embedded local Ray with its dashboard for the State API, sized for many runs on a small machine),
+quiets Ray's own logging and progress bars, and overlaps Ray's start with importing torch. It
+imports nothing heavier than Ray, so the CLI can start Ray before the rest of the kit loads.
+Exercised by every command and by the suite's shared `ray_session` fixture.
 """
 
 from __future__ import annotations
