@@ -22,8 +22,8 @@ import ray
 # does not fit will never be scheduled. A real cluster may autoscale to fit it.
 _started_embedded_ray = False
 _ray_ready_at: Optional[float] = None
-IMPORTED_AT = time.time()
-IDLE_WORKERS_KEPT = 6  # worker processes an embedded Ray keeps beyond one per CPU (see `connect`)  # the start-up timeline's origin where the process's start is unknown
+IMPORTED_AT = time.time()  # the start-up timeline's origin where the process's start is unknown
+IDLE_WORKERS_KEPT = 6  # worker processes an embedded Ray keeps beyond one per CPU (see `connect`)
 
 
 def connect(address: Optional[str] = None, *, verbose: bool = False) -> None:
@@ -62,8 +62,8 @@ def connect(address: Optional[str] = None, *, verbose: bool = False) -> None:
         # Ray ends an idle worker process (one that ran Ray Data's tasks or the preflight, torch
         # imported) a second after its worker processes outnumber its CPUs, and a run's Train
         # actors (controller, cleaner, synchronization, workers) outnumber 2 CPUs: every later
-        # run in this process (a sweep's trials, a session of fits) started them anew, about 2 s
-        # a run on 2 cores. A few more idle processes cost only memory.
+        # run on this Ray (a sweep's trials, a session of fits) started them anew, about 2 s a
+        # run on 2 cores. A few more idle processes cost only memory.
         pool = {"num_workers_soft_limit": num_cpus + IDLE_WORKERS_KEPT}
         # Ray Train watches for preempted nodes (cloud spot instances being drained) with one more
         # actor process per run; an embedded Ray is this machine alone and is never preempted,

@@ -107,3 +107,23 @@ def test_resume_after_failure_continues_exactly(ray_session, storage):
         fit(_resume_config(storage, "uninterrupted"))
     with pytest.raises(ConfigError, match="no run 'never-ran'"):
         fit(_resume_config(storage, "never-ran"), resume=True)
+
+
+def test_embedded_ray_keeps_the_idle_processes_a_run_needs_again(ray_session, storage):
+    """While a run's Train actors live, Ray keeps the idle processes that built its data and ran
+    its preflight (the next run reuses them) and starts no preemption watcher (one machine)."""
+    import time
+
+    from ray.util.state import list_actors, list_workers
+
+    since_ms = time.time() * 1000
+    cfg = build_experiment({"data": {"source": "synthetic", "num_rows": 600, "num_features": 8, "num_classes": 3},
+                            "model": {"kind": "mlp", "hidden": [16]}, "train": {"epochs": 1, "batch_size": 32},
+                            "scaling": {"num_workers": 2}, "run": {"name": "pool", "storage_path": storage}})
+    assert fit(cfg)["status"] == "finished"
+    time.sleep(2)  # Ray ends a surplus idle process a second after it went idle
+    ended = [w for w in list_workers(detail=True, filters=[("is_alive", "=", "False")], limit=10_000)
+             if (w.end_time_ms or 0) >= since_ms]
+    assert ended, "no process of the run has ended: the run started none?"  # its Train actors have
+    assert not [w.exit_detail for w in ended if "idle" in (w.exit_detail or "")]
+    assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")], limit=10_000)
