@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,8 +113,6 @@ def test_resume_after_failure_continues_exactly(ray_session, storage):
 def test_embedded_ray_keeps_the_idle_processes_a_run_needs_again(ray_session, storage):
     """While a run's Train actors live, Ray keeps the idle processes that built its data and ran
     its preflight (the next run reuses them) and starts no preemption watcher (one machine)."""
-    import time
-
     from ray.util.state import list_actors, list_workers
 
     since_ms = time.time() * 1000
@@ -124,6 +123,6 @@ def test_embedded_ray_keeps_the_idle_processes_a_run_needs_again(ray_session, st
     time.sleep(2)  # Ray ends a surplus idle process a second after it went idle
     ended = [w for w in list_workers(detail=True, filters=[("is_alive", "=", "False")], limit=10_000)
              if (w.end_time_ms or 0) >= since_ms]
-    assert ended, "no process of the run has ended: the run started none?"  # its Train actors have
+    assert ended, "no process ended during the run"  # at least its Train actors did: the query sees them
     assert not [w.exit_detail for w in ended if "idle" in (w.exit_detail or "")]
     assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")], limit=10_000)
