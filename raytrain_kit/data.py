@@ -11,7 +11,7 @@ Exercised by `raytrain-kit validate jobs/tabular_mlp.yaml` and `tests/test_data.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -425,3 +425,12 @@ def build_folds(cfg: Experiment, train: ray.data.Dataset, spec: DataSpec, *,
         return folds
     finally:
         context.execution_options.preserve_order = ordered
+
+
+def spec_to_dict(spec: DataSpec) -> dict:
+    """The spec as plain data, for a Ray task's or Train worker's config."""
+    return {**asdict(spec), "input_shape": list(spec.input_shape), "feature_names": list(spec.feature_names)}
+
+
+def spec_from_dict(raw: dict) -> DataSpec:
+    return DataSpec(**{**raw, "input_shape": tuple(raw["input_shape"]), "feature_names": tuple(raw["feature_names"])})

@@ -12,10 +12,12 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import pyarrow.fs as pafs
 import ray
+import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
@@ -24,14 +26,16 @@ from raytrain_kit import checkpoint as ckpt
 from raytrain_kit import cluster
 from raytrain_kit.cluster import started_embedded_ray
 from raytrain_kit.config import Experiment, to_yaml
-from raytrain_kit.data import DataSpec, build_datasets, split_for_workers
+from raytrain_kit.data import DataSpec, build_datasets, spec_to_dict, split_for_workers
 from raytrain_kit.errors import ConfigError, KitError, RunError, short_message, traceback_text
 from raytrain_kit.models import build_model
 from raytrain_kit.parallel import check_blocks, is_sharded
 from raytrain_kit.preflight import run_preflight
 from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file  # noqa: F401 (re-exported)
 from raytrain_kit.tracking import RunRecorder, check_tracking
-from raytrain_kit.worker import STARTUP, STEP_LOSSES, spec_to_dict, train_loop_per_worker
+from raytrain_kit.loop import STARTUP, STEP_LOSSES
+from raytrain_kit.trial import registered_checkpoints, train_in_process
+from raytrain_kit.worker import train_loop_per_worker, write_failure
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
@@ -292,24 +296,58 @@ def summarize(cfg: Experiment, history: list[dict], *, status: str, error: Optio
     }
 
 
-def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[dict], None]] = None,
-        datasets_and_spec: Optional[tuple[dict, DataSpec]] = None, init_checkpoint: Optional[str] = None,
-        abort: Optional[threading.Event] = None, gate: Optional[dict] = None,
-        on_progress: Optional[Callable[[dict], None]] = None, parent_mlflow_run: Optional[str] = None,
-        log: Callable[[str], None] = lambda line: None) -> dict:
-    """Train the experiment; returns (and writes) the run summary. Raises KitError subclasses.
-    `init_checkpoint`: another run's checkpoint to start from (a sweep trial's clone or resume).
-    `abort`: set it to end the run early and cleanly (a sweep scheduler stopping a trial); the
-    summary then says "stopped". `gate`: epochs after which the workers wait for a sweep
-    scheduler's decision (see `worker.wait_at_gate`). `on_progress`: rank 0's in-epoch progress
-    (a progress bar). The run's records (metrics.csv, TensorBoard, MLflow) are written as the
-    reports arrive; `parent_mlflow_run` makes the MLflow run a sweep's child."""
-    import json
+@dataclass
+class TrialLink:
+    """The sweep-only side of a run: what ties it to the sweep trial that runs it."""
 
-    from ray.util.queue import Queue
+    # Set it to end the run early and cleanly (a scheduler stopping the trial); its summary then
+    # says "stopped".
+    abort: threading.Event = field(default_factory=threading.Event)
+    # Epochs after which the workers wait for the scheduler's decision (`worker.wait_at_gate`).
+    gate: Optional[dict] = None
+    # Another run's checkpoint to start from (a trial resumed, or a PBT clone).
+    init_checkpoint: Optional[str] = None
+    # The sweep's MLflow run, which this run's becomes a child of.
+    parent_mlflow_run: Optional[str] = None
 
-    started = time.perf_counter()
+
+@dataclass
+class _OpenRun:
+    """A run between `open_run` and `close_run`: its directory, data, records and reports so far."""
+
+    cfg: Experiment
+    directory: str
+    datasets: dict
+    spec: DataSpec
+    startup: dict  # wall-clock times of the start-up stages
+    recorder: RunRecorder
+    on_epoch: Optional[Callable[[dict], None]]
+    log: Callable[[str], None]
+    started: float = field(default_factory=time.perf_counter)
+    reports: list = field(default_factory=list)
+
+    def forward(self, metrics: dict) -> None:
+        """One epoch's report, as rank 0 sent it: into the run's records, then to `on_epoch`."""
+        self.startup.update(metrics.pop(STARTUP, None) or {})
+        step_losses = metrics.pop(STEP_LOSSES, None)
+        self.reports.append(metrics)
+        try:
+            self.recorder.on_epoch(metrics, step_losses=step_losses)
+        except Exception as e:  # a record that cannot be written must not end the training
+            self.log(f"warning: run records: {type(e).__name__}: {short_message(e)}")
+        if self.on_epoch:
+            self.on_epoch(metrics)
+
+
+def open_run(cfg: Experiment, *, resume: bool, datasets_and_spec: Optional[tuple[dict, DataSpec]], link: Optional[TrialLink],
+             on_epoch: Optional[Callable[[dict], None]], log: Callable[[str], None]) -> _OpenRun:
+    """Everything before training: the resume-or-refuse decision, the checks that need Ray (a
+    sweep's trial skips those its sweep made), the data, the model built once (a bad custom
+    target fails here, as a config error, instead of inside every worker), the preflight,
+    `config.yaml` and the run's records."""
     startup = {"process_started": _process_started(), "ray_ready": cluster.ray_ready_at(), "fit_called": time.time()}
+    if link is not None:  # a trial's process outlives many runs: its start-up counts from the run's
+        startup.update(process_started=startup["fit_called"], ray_ready=None)
     directory = run_dir(cfg)
     exists = path_exists(directory)
     if exists and not resume:
@@ -320,13 +358,12 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     if resume:
         check_checkpoint_strategy(cfg, directory)
     check_resources(cfg)
-    check_shared_storage(cfg)
-    check_tracking(cfg)
+    if link is None:
+        check_shared_storage(cfg)
+        check_tracking(cfg)
     datasets, spec = datasets_and_spec or build_datasets(cfg)
     check_streaming_resources(cfg, datasets)
     startup["datasets_built"] = time.time()
-    # Build the model once here: a bad custom target or an input shape the architecture cannot
-    # take fails now, with a config error, instead of inside every worker.
     try:
         check_blocks(build_model(cfg, spec), cfg)
     except KitError:
@@ -341,41 +378,79 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
         startup["preflight_done"] = time.time()
     write_run_file(directory, CONFIG_FILE, to_yaml(cfg))
     log(describe_scaling(cfg))
+    recorder = RunRecorder(cfg, directory, resume=resume, parent_mlflow_run=link.parent_mlflow_run if link else None)
+    return _OpenRun(cfg=cfg, directory=directory, datasets=datasets, spec=spec, startup=startup, recorder=recorder,
+                    on_epoch=on_epoch, log=log)
+
+
+def close_run(run: _OpenRun, *, error: Optional[list[str]], details: str = "", aborted: bool = False) -> dict:
+    """Everything after training: the run's checkpoints made to agree with what was registered,
+    its history read from the latest one (every epoch up to it, across resumes), `summary.json`,
+    the records closed. Raises RunError (after writing the summary) if the run failed, a
+    non-finite step included."""
+    import json
+
+    cfg, directory = run.cfg, run.directory
+    if aborted:
+        error = None  # the run ended because it was asked to
+    if not error and run.reports and run.reports[-1].get("nonfinite_stop"):
+        last = run.reports[-1]
+        error = [f"the loss or its gradients became NaN/inf in epoch {last['epoch']} "
+                 f"({last['nonfinite_steps']} non-finite step(s), train.on_nonfinite: {cfg.train.on_nonfinite}); "
+                 "the latest good checkpoint is kept as the result; lower optim.lr, clip gradients "
+                 "(regularization.grad_clip_norm) or set train.on_nonfinite: skip or rollback"]
+    remove_orphan_checkpoints(directory)
+    kept = checkpoint_dirs(directory)
+    history = read_history(kept[max(kept)]) if kept else []
+    status = "failed" if error else "stopped" if aborted and len(history) < cfg.train.epochs else "finished"
+    summary = summarize(cfg, history, status=status, error="; ".join(error) if error else None,
+                        wall_s=time.perf_counter() - run.started)
+    summary["startup"] = startup_seconds(run.startup)
+    write_run_file(directory, SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
+    run.recorder.close(summary)
+    if error:
+        raise RunError(*error, f"run {cfg.run.name!r} failed; summary at {directory}/{SUMMARY_FILE}", traceback=details)
+    return summary
+
+
+def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[dict], None]] = None,
+        on_progress: Optional[Callable[[dict], None]] = None, datasets_and_spec: Optional[tuple[dict, DataSpec]] = None,
+        trial: Optional[TrialLink] = None, log: Callable[[str], None] = lambda line: None) -> dict:
+    """Train the experiment with Ray Train's `TorchTrainer`; returns (and writes) the run summary.
+    Raises KitError subclasses. `on_epoch(metrics)` after each epoch; `on_progress`: rank 0's
+    in-epoch progress (a progress bar). The run's records (metrics.csv, TensorBoard, MLflow) are
+    written as the reports arrive. `datasets_and_spec`: data already built (a sweep's); `trial`:
+    the sweep's side of a trial's run (abort, gate, clone, MLflow parent)."""
+    run = open_run(cfg, resume=resume, datasets_and_spec=datasets_and_spec, link=trial, on_epoch=on_epoch, log=log)
+    link = trial or TrialLink()
+    error, details = _train_with_trainer(run, link, on_progress=on_progress)
+    return close_run(run, error=error, details=details, aborted=link.abort.is_set())
+
+
+def _train_with_trainer(run: _OpenRun, link: TrialLink, *, on_progress) -> tuple[Optional[list[str]], str]:
+    """The `TorchTrainer` run itself, its reports forwarded to the records as they arrive; returns
+    the worker's error lines (None if it succeeded) and Ray's traceback."""
+    from ray.util.queue import Queue
 
     queue = Queue(actor_options={"num_cpus": 0})
     stop = threading.Event()
-    reports: list[dict] = []
-    recorder = RunRecorder(cfg, directory, resume=resume, parent_mlflow_run=parent_mlflow_run)
-
-    def forward(metrics: dict) -> None:
-        startup.update(metrics.pop(STARTUP, None) or {})
-        step_losses = metrics.pop(STEP_LOSSES, None)
-        reports.append(metrics)
-        try:
-            recorder.on_epoch(metrics, step_losses=step_losses)
-        except Exception as e:  # a record that cannot be written must not end the training
-            log(f"warning: run records: {type(e).__name__}: {short_message(e)}")
-        if on_epoch:
-            on_epoch(metrics)
-
-    abort = abort or threading.Event()
     seen: dict = {}
-    follower = threading.Thread(target=_follow, args=(queue, forward, stop, abort, on_progress, seen), daemon=True)
+    follower = threading.Thread(target=_follow, args=(queue, run.forward, stop, link.abort, on_progress, seen), daemon=True)
     follower.start()
-    trainer = build_trainer(cfg, datasets, spec, callbacks=[_ForwardReports(queue)], init_checkpoint=init_checkpoint,
-                            gate=gate, queue=queue, progress=on_progress)
+    trainer = build_trainer(run.cfg, run.datasets, run.spec, callbacks=[_ForwardReports(queue)],
+                            init_checkpoint=link.init_checkpoint, gate=link.gate, queue=queue, progress=on_progress)
     error, details = None, ""
-    fit_started = startup["trainer_started"] = time.time()
+    fit_started = run.startup["trainer_started"] = time.time()
     # Train installs a Ctrl-C handler that holds its controller, which then outlives the run
     # (an idle process, polling); the process's own handler comes back when the run ends.
     main_thread = threading.current_thread() is threading.main_thread()
     sigint = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         trainer.fit()
-        if not abort.is_set():
+        if not link.abort.is_set():
             _await_last_report(seen)
     except Exception as e:  # TrainingFailedError and friends: report the worker's own error
-        error, details = _worker_error(e, directory, since=fit_started), traceback_text(e)
+        error, details = _worker_error(e, run.directory, since=fit_started), traceback_text(e)
     finally:
         if main_thread:
             signal.signal(signal.SIGINT, sigint)
@@ -387,28 +462,65 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
                 ray.kill(seen["controller"])
             except Exception:
                 pass
+    return error, details
 
-    if abort.is_set():
-        error = None  # the run ended because it was asked to
-    if not error and reports and reports[-1].get("nonfinite_stop"):
-        last = reports[-1]
-        error = [f"the loss or its gradients became NaN/inf in epoch {last['epoch']} "
-                 f"({last['nonfinite_steps']} non-finite step(s), train.on_nonfinite: {cfg.train.on_nonfinite}); "
-                 "the latest good checkpoint is kept as the result; lower optim.lr, clip gradients "
-                 "(regularization.grad_clip_norm) or set train.on_nonfinite: skip or rollback"]
-    remove_orphan_checkpoints(directory)
-    kept = checkpoint_dirs(directory)
-    # The latest checkpoint holds every epoch's metrics up to it, across resumes.
-    history = read_history(kept[max(kept)]) if kept else []
-    status = "failed" if error else "stopped" if abort.is_set() and len(history) < cfg.train.epochs else "finished"
-    summary = summarize(cfg, history, status=status, error="; ".join(error) if error else None,
-                        wall_s=time.perf_counter() - started)
-    summary["startup"] = startup_seconds(startup)
-    write_run_file(directory, SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
-    recorder.close(summary)
-    if error:
-        raise RunError(*error, f"run {cfg.run.name!r} failed; summary at {directory}/{SUMMARY_FILE}", traceback=details)
-    return summary
+
+class StepwiseRun:
+    """A single-worker ddp run trained in this process one epoch per `next_epoch()` call
+    (`trial.train_in_process`): a sweep trial's run without a Ray Train run of its own. The same
+    run directory, checkpoints, records and summary as `fit`'s; `close()` writes the summary.
+    Several may advance in turns in one process (a trial's folds): each keeps its own RNG stream."""
+
+    def __init__(self, cfg: Experiment, *, datasets_and_spec: Optional[tuple[dict, DataSpec]] = None,
+                 trial: Optional[TrialLink] = None, on_epoch: Optional[Callable[[dict], None]] = None,
+                 log: Callable[[str], None] = lambda line: None):
+        assert runs_in_process(cfg), "a run of several workers or sharded needs Ray Train's workers"
+        self.link = trial or TrialLink()
+        self.run = open_run(cfg, resume=False, datasets_and_spec=datasets_and_spec, link=self.link,
+                            on_epoch=on_epoch, log=log)
+        self.run.startup["trainer_started"] = self.run.startup["worker_started"] = time.time()
+        self.position: dict = {"epoch": None, "step": None, "reported": None}
+        self.started = time.time()
+        self.epochs = train_in_process(cfg, self.run.spec, self.run.datasets, directory=self.run.directory,
+                                       init_checkpoint=self.link.init_checkpoint, position=self.position,
+                                       startup=self.run.startup)
+        self.rng: Optional[torch.Tensor] = None
+        self.summary: Optional[dict] = None
+        self.closed = False
+
+    def next_epoch(self) -> Optional[dict]:
+        """Train the next epoch and return its report (with its checkpoint's path, if one was
+        written), or None when the run has no epoch left. Raises RunError (summary written) when
+        training raises, with the error's first line, as a worker's would read."""
+        if self.rng is not None:
+            torch.set_rng_state(self.rng)
+        try:
+            metrics = next(self.epochs)
+        except StopIteration:
+            return None
+        except Exception as e:
+            write_failure(self.run.directory, e, rank=0, epoch=self.position["epoch"], step=self.position["step"])
+            self.close(error=_worker_error(e, self.run.directory, since=self.started), details=traceback_text(e))
+        finally:
+            self.rng = torch.get_rng_state()
+        self.run.forward(metrics)
+        return metrics
+
+    def close(self, *, error: Optional[list[str]] = None, details: str = "", stopped: bool = False) -> Optional[dict]:
+        """End the run and write its summary (once): `stopped` ends it early and cleanly, as a
+        scheduler stopping the trial does. Returns the summary; raises RunError for an error."""
+        if self.closed:
+            return self.summary
+        self.closed = True
+        self.epochs.close()
+        self.summary = close_run(self.run, error=error, details=details, aborted=stopped or self.link.abort.is_set())
+        return self.summary
+
+
+def runs_in_process(cfg: Experiment) -> bool:
+    """Whether a sweep trial's run trains in the trial's own process (one ddp worker), not through
+    Ray Train. Sharded runs need a process group; several workers need Ray Train's."""
+    return cfg.scaling.num_workers == 1 and not is_sharded(cfg)
 
 
 def _checkpoint_names_on_disk(directory: str) -> list[str]:
@@ -420,7 +532,8 @@ def _checkpoint_names_on_disk(directory: str) -> list[str]:
 
 
 def _registered_checkpoint_names(directory: str) -> Optional[set[str]]:
-    """Checkpoints Ray Train registered (its snapshot file); None before it wrote one."""
+    """Checkpoints Ray Train registered (its snapshot file), or an in-process run did (its
+    registry, see trial.py); None before either was written."""
     import json
 
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
@@ -428,7 +541,8 @@ def _registered_checkpoint_names(directory: str) -> Optional[set[str]]:
     fs, path = filesystem(directory)
     snapshot = f"{path}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
     if fs.get_file_info(snapshot).type != pafs.FileType.File:
-        return None
+        own = registered_checkpoints(directory)
+        return None if own is None else set(own)
     with fs.open_input_stream(snapshot) as f:
         raw = json.loads(f.read().decode())
     return {r["checkpoint_dir_name"] for r in raw.get("checkpoint_results", [])}

@@ -14,11 +14,11 @@ import ray
 import torch
 
 from raytrain_kit.config import Experiment, build_experiment
-from raytrain_kit.data import DataSpec
+from raytrain_kit.data import DataSpec, spec_from_dict, spec_to_dict
 from raytrain_kit.errors import PreflightError
 from raytrain_kit.gradcheck import GradCheckReport, check_gradients
 from raytrain_kit.models import build_model
-from raytrain_kit.worker import build_loss_fn, spec_from_dict, spec_to_dict
+from raytrain_kit.steps import build_loss_fn
 
 
 @ray.remote(num_cpus=1, max_retries=0)

@@ -16,7 +16,7 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -110,32 +110,51 @@ def build_scheduler(cfg: Experiment):
 @dataclass(frozen=True)
 class SweepPlan:
     num_folds: int
-    parallel_folds: bool  # all of a trial's folds train at once
+    in_process: bool  # trials train in their own reused process, not through Ray Train (launch.runs_in_process)
+    parallel_folds: bool  # all of a trial's folds train at once (in-process: in turns, epoch by epoch)
     cpus_per_trial: float
     gpus_per_trial: float
     max_concurrent_trials: int
 
+    def trial_resources(self) -> dict[str, float]:
+        """What Tune reserves for a trial's process. In-process trials train there: the worker's
+        CPUs (and GPU). Otherwise the trial's driver only waits on its Train runs, whose workers
+        reserve the CPUs themselves: see TRIAL_DRIVER_RESOURCES."""
+        if not self.in_process:
+            return TRIAL_DRIVER_RESOURCES
+        return {"CPU": self.cpus_per_trial, **({"GPU": self.gpus_per_trial} if self.gpus_per_trial else {})}
+
 
 def plan_resources(cfg: Experiment, total: dict[str, float], *, can_grow: bool) -> SweepPlan:
     """How many trials fit at once, and whether a trial's folds run side by side. A cluster that
-    cannot grow (an embedded Ray) refuses a plan that would leave a trial waiting forever."""
+    cannot grow (an embedded Ray) refuses a plan that would leave a trial waiting forever; there,
+    streamed data (`data.in_memory: false`) keeps a CPU free for Ray Data's tasks."""
     s, t = cfg.scaling, cfg.tune
     num_folds = t.cv_folds or 1
+    in_process = launch.runs_in_process(cfg)
     cpus, gpus = s.num_workers * s.cpus_per_worker, float(s.num_workers if s.use_gpu else 0)
     have_cpu, have_gpu = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    if not cfg.data.in_memory and not can_grow:
+        have_cpu -= 1
     eps = 1e-9
-    parallel = num_folds > 1 and num_folds * cpus <= have_cpu + eps and num_folds * gpus <= have_gpu + eps
-    per_trial_cpu, per_trial_gpu = cpus * (num_folds if parallel else 1), gpus * (num_folds if parallel else 1)
+    if in_process:  # one process trains the folds in turns: no more CPUs for more folds
+        parallel = num_folds > 1
+        per_trial_cpu, per_trial_gpu = cpus, gpus
+    else:
+        parallel = num_folds > 1 and num_folds * cpus <= have_cpu + eps and num_folds * gpus <= have_gpu + eps
+        per_trial_cpu, per_trial_gpu = cpus * (num_folds if parallel else 1), gpus * (num_folds if parallel else 1)
     fits = math.floor((have_cpu + eps) / per_trial_cpu)
     if per_trial_gpu:
         fits = min(fits, math.floor((have_gpu + eps) / per_trial_gpu))
     if fits < 1 and not can_grow:
+        spare = " (one kept free for streaming Ray Data)" if not cfg.data.in_memory else ""
         raise ConfigError(f"scaling: a trial needs {per_trial_cpu:g} CPUs and {per_trial_gpu:g} GPUs, but the Ray cluster "
-                          f"has {have_cpu:g} CPUs and {have_gpu:g} GPUs; lower scaling.num_workers or scaling.cpus_per_worker")
+                          f"has {max(have_cpu, 0):g} CPUs{spare} and {have_gpu:g} GPUs; lower scaling.num_workers or "
+                          "scaling.cpus_per_worker")
     if t.max_concurrent_trials and t.max_concurrent_trials > fits and not can_grow:
         raise ConfigError(f"tune.max_concurrent_trials: {t.max_concurrent_trials} trials x {per_trial_cpu:g} CPUs do not fit "
                           f"in the cluster's {have_cpu:g} CPUs; at most {fits} run at once here (omit the key for that)")
-    return SweepPlan(num_folds=num_folds, parallel_folds=parallel, cpus_per_trial=per_trial_cpu,
+    return SweepPlan(num_folds=num_folds, in_process=in_process, parallel_folds=parallel, cpus_per_trial=per_trial_cpu,
                      gpus_per_trial=per_trial_gpu, max_concurrent_trials=t.max_concurrent_trials or max(fits, 1))
 
 
@@ -204,11 +223,17 @@ def gate_epochs(cfg: Experiment) -> list[int]:
 
 
 class TrialTrainable(tune.Trainable):
-    """One trial: a `launch.fit` per fold in background threads; each `step` returns the next
-    epoch that every fold has reported, aggregated. When a scheduler stops the trial, its Train
-    runs are aborted through their controllers (workers shut down and free their CPUs): at once
-    when the driver posts the decision on the `StopBoard`, else in `cleanup` (why a class, not a
-    function) instead of leaving them to die with the trial's process."""
+    """One trial. Each `step` returns the next epoch that every fold has trained, aggregated.
+
+    A single-worker ddp trial (`launch.runs_in_process`) trains its folds in this process, one
+    epoch of each per `step` (`launch.StepwiseRun`): no Ray Train run, so no start-up per trial,
+    and Tune reuses the process for the next trial (`reset_config`) with torch and the data
+    loaded. Under ASHA nothing waits at a gate: a stopped trial is simply never stepped again.
+
+    Other trials run a `launch.fit` (a `TorchTrainer` run) per fold in background threads. When a
+    scheduler stops one, its Train runs are aborted through their controllers (workers shut down
+    and free their CPUs): at once when the driver posts the decision on the `StopBoard`, else in
+    `cleanup` or `reset_config` instead of leaving them to die with the trial's process."""
 
     def setup(self, config: dict, *, base: Experiment, data: list[tuple[dict, DataSpec]], parallel_folds: bool,
               board_name: Optional[str] = None, gates: Sequence[int] = (), mlflow_parent: Optional[str] = None):
@@ -217,32 +242,71 @@ class TrialTrainable(tune.Trainable):
         # Ray logs each persisted checkpoint at INFO; the sweep prints one line per trial.
         for name in ("ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.cfg = with_overrides(base, config)  # the same override path as --set
-        self.data, self.parallel_folds, self.board_name = data, parallel_folds, board_name
-        self.mlflow_parent = mlflow_parent
-        self.gate = {"board": board_name, "trial": self.trial_id, "epochs": list(gates)} if board_name and gates else None
+        self.base, self.data, self.board_name, self.gates, self.mlflow_parent = base, data, board_name, gates, mlflow_parent
+        self.parallel_folds = parallel_folds  # TorchTrainer runs: a trial's folds train at once
         self.num_folds = len(data)
+        self._begin(config)
+
+    def _begin(self, config: dict) -> None:
+        self.cfg = with_overrides(self.base, config)  # the same override path as --set
+        self.in_process = launch.runs_in_process(self.cfg)
+        gate = ({"board": self.board_name, "trial": self.trial_id, "epochs": list(self.gates)}
+                if self.board_name and self.gates and not self.in_process else None)
+        self.link = launch.TrialLink(gate=gate, parent_mlflow_run=self.mlflow_parent)
         self.starts: Optional[list[str]] = None  # checkpoints to continue from (resume, PBT clone)
         self.latest: Optional[list[str]] = None  # this trial's latest Train checkpoint per fold
-        self.events: queue.Queue = queue.Queue()
-        self.abort = threading.Event()
+        self.runs: list[launch.StepwiseRun] = []  # in-process
+        self.events: queue.Queue = queue.Queue()  # TorchTrainer runs' epochs, from their threads
         self.threads: list[threading.Thread] = []
         self.by_epoch: dict[int, dict[int, dict]] = {}
         self.num_done = 0
         self.last: dict = {}
 
-    def _start(self) -> None:
-        # A restarted trial trains new runs (attempt 1, 2, ...) from its checkpoint; earlier ones stay.
+    def reset_config(self, new_config: dict) -> bool:
+        """The next trial in this process (Tune's actor reuse): end this trial's runs, start afresh."""
+        self._end()
+        self._begin(new_config)
+        return True
+
+    def _attempt(self) -> int:
+        """A restarted trial trains new runs (attempt 1, 2, ...) from its checkpoint; earlier ones stay."""
         attempt = 0
         while launch.path_exists(f"{launch.storage_root(self.cfg)}/{_run_name(self.trial_id, 0, self.num_folds, attempt)}"):
             attempt += 1
+        return attempt
+
+    def _fold_link(self, fold: int) -> launch.TrialLink:
+        return replace(self.link, init_checkpoint=self.starts[fold] if self.starts else None)
+
+    def _fold_cfg(self, fold: int, attempt: int) -> Experiment:
+        return with_overrides(self.cfg, {"run.name": _run_name(self.trial_id, fold, self.num_folds, attempt)})
+
+    def step(self) -> dict:
+        return self._step_in_process() if self.in_process else self._step_with_trainer()
+
+    def _step_in_process(self) -> dict:
+        if not self.runs:
+            attempt = self._attempt()
+            self.runs = [launch.StepwiseRun(self._fold_cfg(i, attempt), datasets_and_spec=self.data[i],
+                                            trial=self._fold_link(i)) for i in range(self.num_folds)]
+        per_fold = [run.next_epoch() for run in self.runs]
+        if all(m is not None for m in per_fold):
+            paths = [m.get("checkpoint") for m in per_fold]
+            if all(paths):
+                self.latest = paths
+            self.last = aggregate_folds(per_fold)
+            if self.last["epoch"] < self.cfg.train.epochs and not any(m.get("nonfinite_stop") for m in per_fold):
+                return self.last
+        for run in self.runs:  # the last epoch (or a non-finite stop: RunError): summaries written
+            run.close()
+        return {**self.last, "done": True}
+
+    def _start_threads(self) -> None:
+        attempt = self._attempt()
 
         def train_fold(i: int) -> None:
-            fold_cfg = with_overrides(self.cfg, {"run.name": _run_name(self.trial_id, i, self.num_folds, attempt)})
             try:
-                summary = launch.fit(fold_cfg, datasets_and_spec=self.data[i], abort=self.abort, gate=self.gate,
-                                     parent_mlflow_run=self.mlflow_parent,
-                                     init_checkpoint=self.starts[i] if self.starts else None,
+                summary = launch.fit(self._fold_cfg(i, attempt), datasets_and_spec=self.data[i], trial=self._fold_link(i),
                                      on_epoch=lambda m: self.events.put(("epoch", i, m)))
                 self.events.put(("done", i, summary))
             except BaseException as e:  # reaches `step`, which fails the trial with it
@@ -250,7 +314,7 @@ class TrialTrainable(tune.Trainable):
 
         def train_in_sequence() -> None:
             for i in range(self.num_folds):
-                if not self.abort.is_set():
+                if not self.link.abort.is_set():
                     train_fold(i)
 
         self.threads = ([threading.Thread(target=train_fold, args=(i,), daemon=True) for i in range(self.num_folds)]
@@ -258,27 +322,27 @@ class TrialTrainable(tune.Trainable):
         for thread in self.threads:
             thread.start()
         if self.board_name:
-            threading.Thread(target=self._watch_board, daemon=True).start()
+            threading.Thread(target=self._watch_board, args=(self.link.abort, self.threads), daemon=True).start()
 
-    def _watch_board(self) -> None:
+    def _watch_board(self, abort: threading.Event, threads: list[threading.Thread]) -> None:
         from ray.exceptions import RayActorError
 
         try:
             board = ray.get_actor(self.board_name)
         except ValueError:  # no board: the trial is stopped the slow way, by cleanup
             return
-        while not self.abort.is_set() and any(t.is_alive() for t in self.threads):
+        while not abort.is_set() and any(t.is_alive() for t in threads):
             try:
                 if ray.get(board.is_stopped.remote(self.trial_id)):
-                    self.abort.set()
+                    abort.set()
             except RayActorError:  # the sweep driver is gone
                 return
             time.sleep(0.25)
 
-    def step(self) -> dict:
+    def _step_with_trainer(self) -> dict:
         if not self.threads:
-            self._start()
-        elif self.gate and self.last:
+            self._start_threads()
+        elif self.link.gate and self.last:
             # Tune asks for the next result only when its scheduler let the last one go on:
             # that is the go-ahead for workers waiting at a gate epoch.
             try:
@@ -316,11 +380,21 @@ class TrialTrainable(tune.Trainable):
     def load_checkpoint(self, checkpoint_dir: str) -> None:
         self.starts = json.loads((Path(checkpoint_dir) / POINTER_FILE).read_text())["checkpoints"]
 
-    def cleanup(self) -> None:
-        self.abort.set()
+    def _end(self) -> None:
+        """Stop this trial's runs: in-process ones write their summaries ("stopped" when epochs are
+        left), TorchTrainer ones are aborted and waited for."""
+        self.link.abort.set()
+        for run in self.runs:
+            try:
+                run.close(stopped=True)
+            except Exception:  # its summary is written; the trial is over either way
+                pass
         deadline = time.monotonic() + 60
         for thread in self.threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def cleanup(self) -> None:
+        self._end()
 
 
 def _run_name(trial_id: str, fold: int, num_folds: int, attempt: int) -> str:
@@ -403,6 +477,7 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
     metric, mode = sweep_metric(cfg)
     log(f"sweep {cfg.run.name}: {cfg.tune.search} search, {cfg.tune.scheduler} scheduler, "
         f"{plan.max_concurrent_trials} trial(s) at a time, {plan.cpus_per_trial:g} CPUs each"
+        + (", each in a reused process of its own" if plan.in_process else ", each a Ray Train run")
         + (f", {plan.num_folds} folds per trial ({'side by side' if plan.parallel_folds else 'in sequence'})"
            if plan.num_folds > 1 else ""))
 
@@ -419,7 +494,7 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
         tune.with_parameters(TrialTrainable, base=trial_base(cfg, directory), data=data,
                              parallel_folds=plan.parallel_folds, board_name=board_name, gates=gate_epochs(cfg),
                              mlflow_parent=mlflow_parent),
-        TRIAL_DRIVER_RESOURCES)
+        plan.trial_resources())
     if resume:
         tuner = tune.Tuner.restore(directory, trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=build_param_space(cfg))
@@ -429,7 +504,8 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
             tune_config=tune.TuneConfig(
                 metric=metric, mode=mode, search_alg=build_search_alg(cfg, max_concurrent=plan.max_concurrent_trials),
                 scheduler=build_scheduler(cfg), num_samples=cfg.tune.num_samples,
-                trial_dirname_creator=lambda trial: trial.trial_id),
+                # In-process trials: the next trial runs in a finished one's process (reset_config).
+                reuse_actors=plan.in_process, trial_dirname_creator=lambda trial: trial.trial_id),
             run_config=tune.RunConfig(
                 name=cfg.run.name, storage_path=launch.storage_root(cfg), verbose=0,
                 callbacks=[_PrintTrials(cfg, log, board_name)],

@@ -230,7 +230,7 @@ def test_every_optimizer_lowers_the_loss(name, extra):
 def test_accumulating_k_micro_batches_of_b_equals_one_batch_of_k_b():
     """43 rows: batches of 15 (15, 15, 13) against 3 micro-batches of 5 (the last step's are
     5, 5, 3): the same steps, losses and weights, with clipping and penalties in the step."""
-    from raytrain_kit.worker import in_memory_batches, train_epoch
+    from raytrain_kit.steps import in_memory_batches, train_epoch
 
     torch.manual_seed(0)
     x, y = torch.randn(43, 6), torch.randint(0, 3, (43,))

@@ -16,7 +16,7 @@ from raytrain_kit.errors import ConfigError
 from raytrain_kit.launch import fit
 from raytrain_kit.models import build_model
 from raytrain_kit.tracking import STEPS_CSV
-from raytrain_kit.worker import evaluate, in_memory_batches
+from raytrain_kit.steps import evaluate, in_memory_batches
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_FEATURES, NUM_CLASSES, NUM_ROWS, NUM_VAL_ROWS, GLOBAL_BATCH = 6, 3, 192, 42, 16

@@ -21,7 +21,7 @@ from raytrain_kit.errors import ConfigError
 from raytrain_kit.launch import fit
 from raytrain_kit.optim import build_optimizer, build_scheduler
 from raytrain_kit.sweep import aggregate_folds, gate_epochs, plan_resources, run_sweep
-from raytrain_kit.worker import apply_hyperparameters
+from raytrain_kit.loop import apply_hyperparameters
 from records import assert_picture
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,25 +103,37 @@ def test_aggregate_folds_mean_std_and_per_fold():
     assert aggregate_folds(folds[:1]) == {"epoch": 2, "val_accuracy": 0.8, "val_loss": pytest.approx(0.2), "lr": 0.1}
 
 
-def _plan(total_cpus, *, cv=None, workers=1, cpus=1.0, max_concurrent=None, can_grow=False):
-    cfg = build_experiment({**SMALL, "scaling": {"num_workers": workers, "cpus_per_worker": cpus},
+def _plan(total_cpus, *, cv=None, workers=1, cpus=1.0, max_concurrent=None, can_grow=False, strategy="ddp", in_memory=True):
+    cfg = build_experiment({**SMALL, "data": {"source": "digits", "in_memory": in_memory},
+                            "scaling": {"num_workers": workers, "cpus_per_worker": cpus, "strategy": strategy},
                             "tune": {"space": SPACE, "cv_folds": cv, "max_concurrent_trials": max_concurrent}})
     return plan_resources(cfg, {"CPU": total_cpus}, can_grow=can_grow)
 
 
 def test_resource_plan_packs_trials_without_overcommitting():
-    assert _plan(2).max_concurrent_trials == 2
-    assert _plan(2, workers=2).max_concurrent_trials == 1
+    # Trials through Ray Train: several workers, or sharded (a single fsdp worker still needs a process group).
+    assert _plan(2, workers=2).max_concurrent_trials == 1 and not _plan(2, workers=2).in_process
     assert _plan(16, workers=2, cpus=1.5).max_concurrent_trials == 5  # 5 x 3 = 15 <= 16
-    parallel = _plan(2, cv=3, cpus=0.5)
+    parallel = _plan(2, cv=3, cpus=0.5, strategy="fsdp")
     assert parallel.parallel_folds and parallel.cpus_per_trial == 1.5 and parallel.max_concurrent_trials == 1
-    sequential = _plan(2, cv=3)
+    assert parallel.trial_resources() == {"CPU": 0, "memory": 256 * 1024**2}  # the workers hold the CPUs
+    sequential = _plan(2, cv=3, strategy="fsdp")
     assert not sequential.parallel_folds and sequential.max_concurrent_trials == 2
     with pytest.raises(ConfigError, match="a trial needs 4 CPUs"):
         _plan(2, workers=4)
     with pytest.raises(ConfigError, match="tune.max_concurrent_trials: 3 trials x 1 CPUs"):
         _plan(2, max_concurrent=3)
     assert _plan(2, max_concurrent=3, can_grow=True).max_concurrent_trials == 3  # an autoscaling cluster
+    # Single-worker ddp trials train in their own process, which holds the worker's CPUs; its
+    # folds take turns there, so more folds need no more CPUs.
+    single = _plan(2)
+    assert single.in_process and single.max_concurrent_trials == 2 and single.trial_resources() == {"CPU": 1.0}
+    folds = _plan(2, cv=3, cpus=0.5)
+    assert folds.in_process and folds.parallel_folds and folds.cpus_per_trial == 0.5 and folds.max_concurrent_trials == 4
+    # Streamed data on an embedded Ray keeps a CPU for Ray Data's tasks, or the trials would starve them.
+    assert _plan(2, in_memory=False).max_concurrent_trials == 1
+    with pytest.raises(ConfigError, match="one kept free for streaming Ray Data"):
+        _plan(1, in_memory=False)
 
 
 def test_workers_wait_only_at_the_epochs_where_asha_decides():

@@ -17,7 +17,7 @@ from raytrain_kit.errors import ConfigError, RunError
 from raytrain_kit.launch import fit
 from raytrain_kit.models import build_model
 from raytrain_kit.optim import build_optimizer, build_scheduler
-from raytrain_kit.worker import train_epoch
+from raytrain_kit.steps import train_epoch
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
