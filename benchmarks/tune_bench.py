@@ -1,10 +1,20 @@
-"""ASHA versus the full budget: the same sampled trials of `jobs/sweep_digits.yaml`, run once with
-FIFO (every trial trains every epoch) and once with ASHA, in one process on one Ray.
+"""The sweep against what a user would write instead, and ASHA against the full budget.
 
-Prints the best validation accuracy of each, the epochs each trained in total, and their ratios;
-writes benchmarks/results/tune.json and the ASHA sweep's report pictures next to it
-(tune_asha_sweep.png, tune_asha_parallel.png). The goal: ASHA within 1 point of FIFO's best accuracy while
-training at most 40% of FIFO's epochs.
+Runs, one after the other on the same idle machine, each as the command a user types:
+`python benchmarks/optuna_sweep.py` (a plain Optuna study in one process: the same CNN, search
+space, epochs, schedule and successive-halving pruning), then `raytrain-kit tune
+jobs/sweep_digits.yaml` with ASHA (the shipped sweep) and with FIFO (every trial trains every
+epoch). Prints and writes to benchmarks/results/tune.json:
+
+- kit (ASHA) wall time over Optuna's, whole commands (Ray's start and the report included) and
+  sweep phases only (the kit's Tune run against Optuna's study), at their best val_accuracy;
+  goal: <= 2.0x, within 1 point;
+- ASHA's wall time over FIFO's (goal: <= 0.45x) and the epochs each trained (from every trial
+  run's summary, not only those the scheduler saw);
+- the median per-trial overhead: a trial's time in Tune (`time_total_s`) minus its epochs'
+  training and validation seconds (goal: <= 1.5 s for single-worker trials);
+- the floor under the kit's sweep: Ray started as the kit starts it and an empty Tune sweep of
+  as many trials, reused processes (`--floor` adds it; measured in a process of its own).
 
     python benchmarks/tune_bench.py            # the shipped sweep: 27 trials, 12 epochs
     python benchmarks/tune_bench.py --quick    # 6 trials, 4 epochs: a smoke run
@@ -16,81 +26,143 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
 OUT = ROOT / "benchmarks" / "results"
+QUICK = ["--set", "tune.num_samples=6", "--set", "train.epochs=4"]
 
 
-def run(scheduler: str, *, storage: str, quick: bool) -> dict:
-    import shutil
-
-    from raytrain_kit.config import load_experiment
-    from raytrain_kit.report import write_report
-    from raytrain_kit.sweep import run_sweep
-
-    overrides = {"tune.scheduler": scheduler, "run.name": f"bench_{scheduler}", "run.storage_path": storage,
-                 "preflight.enabled": False}
-    if quick:
-        overrides.update({"tune.num_samples": 6, "train.epochs": 4})
-    cfg = load_experiment(ROOT / "jobs" / "sweep_digits.yaml", overrides)
+def timed(command: list[str]) -> tuple[float, str]:
+    """Wall seconds of a command run as a user would (its own process group, Ray's env unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     started = time.perf_counter()
-    summary = run_sweep(cfg)
-    wall_s = round(time.perf_counter() - started, 1)
-    table = summary["table"]
-    # Epochs the workers finished, from each trial's Train run, not only those the scheduler saw:
-    # any epoch a stopped trial trained past its last report is compute spent, so it counts.
-    trained = sum(json.loads(p.read_text())["epochs_completed"]
-                  for p in Path(summary["run_dir"]).glob("runs/*/summary.json"))
-    OUT.mkdir(parents=True, exist_ok=True)
-    for picture in write_report(summary["run_dir"]):
-        if picture.endswith(".png"):
-            shutil.copy(picture, OUT / f"tune_{scheduler}_{Path(picture).name}")
-    return {"scheduler": scheduler, "best_val_accuracy": summary["best_value"],
-            "epochs_trained": trained, "epochs_reported": int(table["epochs_run"].sum()), "num_trials": len(table),
-            "num_stopped": int((table["status"] == "stopped").sum()), "wall_s": wall_s,
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
+                          start_new_session=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return wall, done.stdout
+
+
+def run_optuna(quick: bool) -> dict:
+    wall, out = timed([sys.executable, str(ROOT / "benchmarks" / "optuna_sweep.py"), *(["--quick"] if quick else [])])
+    return {**json.loads(out.strip().splitlines()[-1]), "wall_s": round(wall, 2)}
+
+
+def trial_overheads(sweep_dir: Path) -> list[float]:
+    """Per trial: its seconds in Tune minus its epochs' training and validation seconds."""
+    overheads = []
+    for results in sweep_dir.glob("*/result.json"):
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        if rows:
+            epochs = sum(r.get("epoch_s", 0.0) + r.get("val_s", 0.0) for r in rows)
+            overheads.append(rows[-1]["time_total_s"] - epochs)
+    return overheads
+
+
+def run_kit(scheduler: str, *, storage: str, quick: bool) -> dict:
+    import pandas as pd
+
+    name = f"bench_{scheduler}"
+    wall, _ = timed([sys.executable, "-m", "raytrain_kit", "tune", str(ROOT / "jobs" / "sweep_digits.yaml"), "-q",
+                     "--set", f"tune.scheduler={scheduler}", "--set", f"run.name={name}",
+                     "--set", f"run.storage_path={storage}", *(QUICK if quick else [])])
+    sweep_dir = Path(storage) / name
+    sweep = json.loads((sweep_dir / "sweep.json").read_text())
+    table = pd.read_csv(sweep_dir / "trials.csv")
+    # Epochs the workers finished, from each trial's run, not only those the scheduler saw.
+    trained = sum(json.loads(p.read_text())["epochs_completed"] for p in sweep_dir.glob("runs/*/summary.json"))
+    overheads = trial_overheads(sweep_dir)
+    for picture in ("sweep.png", "parallel.png"):
+        if (sweep_dir / picture).exists():
+            shutil.copy(sweep_dir / picture, OUT / f"tune_{scheduler}_{picture}")
+    return {"scheduler": scheduler, "best_val_accuracy": sweep["best_value"], "epochs_trained": trained,
+            "epochs_reported": int(table["epochs_run"].sum()), "num_trials": len(table),
+            "num_stopped": int((table["status"] == "stopped").sum()), "wall_s": round(wall, 2),
+            "sweep_s": sweep["wall_s"], "median_trial_overhead_s": round(statistics.median(overheads), 3),
             "trials": table[["optim.lr", "init.scheme", "regularization.l2"]].round(12).values.tolist()}
+
+
+FLOOR = """
+import sys, time
+from ray import tune
+from raytrain_kit.cluster import connect
+connect()
+started = time.perf_counter()
+class Empty(tune.Trainable):
+    def step(self):
+        return {"done": True, "x": 1.0}
+    def reset_config(self, config):
+        return True
+tune.Tuner(tune.with_resources(Empty, {"CPU": 1}), param_space={"a": tune.uniform(0, 1)},
+           tune_config=tune.TuneConfig(num_samples=int(sys.argv[1]), reuse_actors=True),
+           run_config=tune.RunConfig(storage_path=sys.argv[2], verbose=0)).fit()
+print(round(time.perf_counter() - started, 2))
+"""
+
+
+def run_floor(num_trials: int, storage: str) -> dict:
+    wall, out = timed([sys.executable, "-c", FLOOR, str(num_trials), storage])
+    return {"wall_s": round(wall, 2), "sweep_s": float(out.strip().splitlines()[-1])}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="6 trials of 4 epochs: checks that it runs")
+    parser.add_argument("--floor", action="store_true", help="also time Ray and an empty Tune sweep of as many trials")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder for tune.json")
     args = parser.parse_args()
-
     import ray
     import torch
 
-    from raytrain_kit.cluster import connect
-
-    connect()
+    OUT.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tune-bench-") as storage:
-        fifo = run("fifo", storage=storage, quick=args.quick)
-        asha = run("asha", storage=storage, quick=args.quick)
+        optuna_result = run_optuna(args.quick)
+        asha = run_kit("asha", storage=storage, quick=args.quick)
+        fifo = run_kit("fifo", storage=storage, quick=args.quick)
+        floor = run_floor(asha["num_trials"], storage) if args.floor else None
     same_trials = sorted(map(str, fifo["trials"])) == sorted(map(str, asha["trials"]))
-    accuracy_gap = fifo["best_val_accuracy"] - asha["best_val_accuracy"]
-    epoch_ratio = asha["epochs_trained"] / fifo["epochs_trained"]
-    time_ratio = asha["wall_s"] / fifo["wall_s"]
-    print(f"\n{fifo['num_trials']} trials, the same sampled values in both runs: {same_trials}\n")
-    print("| scheduler | best val_accuracy | epochs trained | epochs reported | trials stopped early | wall s |")
-    print("|---|---|---|---|---|---|")
-    for r in (fifo, asha):
-        print(f"| {r['scheduler']} | {r['best_val_accuracy']:.4f} | {r['epochs_trained']} | {r['epochs_reported']} "
-              f"| {r['num_stopped']} | {r['wall_s']} |")
-    print(f"\nASHA vs FIFO: best accuracy {-accuracy_gap * 100:+.2f} points (goal: within 1), "
-          f"epochs {epoch_ratio:.2f}x (goal: <= 0.40), wall time {time_ratio:.2f}x")
-    out = OUT
-    (out / "tune.json").write_text(json.dumps({
+    figures = {
+        "kit_vs_optuna_wall": round(asha["wall_s"] / optuna_result["wall_s"], 3),
+        "kit_vs_optuna_sweep": round(asha["sweep_s"] / optuna_result["study_s"], 3),
+        "accuracy_gap_vs_optuna_points": round((optuna_result["best_val_accuracy"] - asha["best_val_accuracy"]) * 100, 3),
+        "asha_vs_fifo_wall": round(asha["wall_s"] / fifo["wall_s"], 3),
+        "asha_vs_fifo_sweep": round(asha["sweep_s"] / fifo["sweep_s"], 3),
+        "asha_vs_fifo_epochs": round(asha["epochs_trained"] / fifo["epochs_trained"], 3),
+        "asha_vs_fifo_accuracy_points": round((asha["best_val_accuracy"] - fifo["best_val_accuracy"]) * 100, 3),
+        "median_trial_overhead_s": asha["median_trial_overhead_s"],
+    }
+    print(f"\n{asha['num_trials']} trials; FIFO and ASHA sampled the same values: {same_trials}\n")
+    print("| sweep | best val_accuracy | epochs trained | trials stopped early | command s | sweep s | median trial overhead s |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| plain Optuna, one process | {optuna_result['best_val_accuracy']:.4f} | {optuna_result['epochs_trained']} | "
+          f"{optuna_result['num_pruned']} | {optuna_result['wall_s']} | {optuna_result['study_s']} | - |")
+    for r in (asha, fifo):
+        print(f"| kit, {r['scheduler']} | {r['best_val_accuracy']:.4f} | {r['epochs_trained']} | {r['num_stopped']} | "
+              f"{r['wall_s']} | {r['sweep_s']} | {r['median_trial_overhead_s']} |")
+    if floor:
+        print(f"| floor: Ray + empty Tune sweep | - | 0 | - | {floor['wall_s']} | {floor['sweep_s']} | - |")
+    f = figures
+    print(f"\nkit (ASHA) vs Optuna: {f['kit_vs_optuna_wall']:.2f}x the command's wall time, {f['kit_vs_optuna_sweep']:.2f}x "
+          f"the sweep's (goal <= 2.0x), best accuracy {-f['accuracy_gap_vs_optuna_points']:+.2f} points (goal: within 1)")
+    print(f"ASHA vs FIFO: wall time {f['asha_vs_fifo_wall']:.2f}x (sweep {f['asha_vs_fifo_sweep']:.2f}x; goal <= 0.45x), "
+          f"epochs {f['asha_vs_fifo_epochs']:.2f}x, best accuracy {f['asha_vs_fifo_accuracy_points']:+.2f} points")
+    print(f"median per-trial overhead: {f['median_trial_overhead_s']:.2f} s (goal <= 1.5 s)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tune.json").write_text(json.dumps({
         "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "ray": ray.__version__},
-        "quick": args.quick, "same_trials": same_trials, "fifo": fifo, "asha": asha,
-        "accuracy_gap_points": round(accuracy_gap * 100, 3), "epoch_ratio": round(epoch_ratio, 4),
-        "wall_time_ratio": round(time_ratio, 4),
+        "quick": args.quick, "same_trials": same_trials, "optuna": optuna_result, "asha": asha, "fifo": fifo,
+        "floor": floor, **figures,
     }, indent=1))
-    print(f"wrote {out / 'tune.json'}")
+    print(f"wrote {args.out / 'tune.json'}")
 
 
 if __name__ == "__main__":

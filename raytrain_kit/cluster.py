@@ -22,7 +22,6 @@ import ray
 # does not fit will never be scheduled. A real cluster may autoscale to fit it.
 _started_embedded_ray = False
 _ray_ready_at: Optional[float] = None
-IMPORTED_AT = time.time()  # the start-up timeline's origin where the process's start is unknown
 IDLE_WORKERS_KEPT = 6  # worker processes an embedded Ray keeps beyond one per CPU (see `connect`)
 
 
@@ -83,6 +82,8 @@ def connect(address: Optional[str] = None, *, verbose: bool = False) -> None:
                     raise
                 ray.shutdown()
         _started_embedded_ray = True
+    if not verbose:
+        _hide_raylet_messages()
     importlib.import_module("ray.data")  # after Ray's start: not at the same time as torch's import
     # Datasets carry the driver's DataContext to Ray Data's actors, so this reaches them too.
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -90,6 +91,17 @@ def connect(address: Optional[str] = None, *, verbose: bool = False) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     preload.join()
     _ray_ready_at = time.time()
+
+
+def _hide_raylet_messages() -> None:
+    """Ray prints the messages its raylet and GCS publish to drivers ("N PYTHON worker processes
+    have been started ...", a dead worker's notice) from a thread of its own, whatever
+    `log_to_driver` says. The kit reports what matters itself (a worker's error, resources that
+    do not fit): only --verbose shows them. With log_to_driver off, that thread is the only
+    caller of the function it prints through (ray._private.worker.listen_error_messages)."""
+    import ray._private.worker as ray_worker
+
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: None
 
 
 def ray_ready_at() -> Optional[float]:

@@ -22,6 +22,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
 
+from raytrain_kit import IMPORTED_AT
 from raytrain_kit import checkpoint as ckpt
 from raytrain_kit import cluster
 from raytrain_kit.cluster import started_embedded_ray
@@ -251,13 +252,23 @@ def describe_scaling(cfg: Experiment) -> str:
 
 
 def _process_started() -> float:
-    """When this process started: the origin of the start-up timeline."""
+    """When this Python interpreter started: the origin of the start-up timeline.
+
+    The process's creation time, unless the process ran something else first and then exec'd
+    Python (the last command of `bash -c "pip install ... && raytrain-kit train ..."`, a
+    container entrypoint's `exec`): creation then dates the shell, and the pip install would
+    count as start-up. Python's own start is CPU-bound, so the interpreter started about its CPU
+    seconds before the kit's first import; a creation time well before that (more than twice
+    those seconds and one more) is a shell's."""
+    imported_at, cpu_at_import = IMPORTED_AT
+    python_started = imported_at - cpu_at_import
     try:
         import psutil  # Ray ships a copy and puts it on sys.path when imported
 
-        return psutil.Process().create_time()
-    except Exception:  # no psutil: the timeline starts when the kit was imported
-        return cluster.IMPORTED_AT
+        created = psutil.Process().create_time()
+    except Exception:
+        return python_started
+    return created if created >= imported_at - 2 * cpu_at_import - 1.0 else python_started
 
 
 # Start-up stages in the order they happen; the workers' come from rank 0's first report.

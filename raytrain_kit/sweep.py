@@ -33,6 +33,7 @@ from raytrain_kit.preflight import run_preflight
 from raytrain_kit.tracking import check_tracking, end_mlflow_run, start_mlflow_run
 
 TRIALS_CSV, TRIALS_PARQUET, HISTORY_PARQUET, BEST_YAML = "trials.csv", "trials.parquet", "history.parquet", "best.yaml"
+SWEEP_JSON = "sweep.json"  # the sweep's summary: metric, best trial and value, trials, wall time
 POINTER_FILE = "train_checkpoints.json"
 # Each trial's driver only waits on its Train runs: it reserves memory, never a CPU, so the CPUs
 # stay whole for training workers (a fractional CPU per trial driver leaves the last trial's
@@ -525,11 +526,13 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
     if mlflow_parent:
         end_mlflow_run(cfg, mlflow_parent, {"status": "finished", "metric": metric, "best_value": float(best["best_value"])},
                        artifacts=[f"{directory}/{TRIALS_CSV}", f"{directory}/{BEST_YAML}"])
-    return {"run_dir": directory, "metric": metric, "mode": mode, "num_trials": len(table),
-            "best_trial": best["trial_id"], "best_value": float(best["best_value"]),
-            "best_config": {k: _plain(best[k]) for k in cfg.tune.space},
-            "best_yaml": f"{directory}/{BEST_YAML}", "wall_s": round(time.perf_counter() - started, 2),
-            "table": table}
+    summary = {"run_dir": directory, "metric": metric, "mode": mode, "num_trials": len(table),
+               "best_trial": best["trial_id"], "best_value": float(best["best_value"]),
+               "best_config": {k: _plain(best[k]) for k in cfg.tune.space},
+               "best_yaml": f"{directory}/{BEST_YAML}", "wall_s": round(time.perf_counter() - started, 2),
+               "trials_at_once": plan.max_concurrent_trials, "in_process": plan.in_process}
+    launch.write_run_file(directory, SWEEP_JSON, json.dumps(summary, indent=1))
+    return {**summary, "table": table}
 
 
 def _plain(value: Any) -> Any:

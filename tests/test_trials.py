@@ -1,0 +1,154 @@
+"""Single-worker sweep trials trained in their own reused process (trial.py, launch.StepwiseRun):
+the same metrics as under Ray Train's TorchTrainer, checkpoints registered and pruned, one
+process for many trials, PBT clones that start from the donor's checkpoint, and a quiet sweep."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from raytrain_kit.config import build_experiment, with_overrides
+from raytrain_kit.launch import checkpoint_dirs, fit
+from raytrain_kit.loop import MEASURED
+from raytrain_kit.sweep import run_sweep, trial_base
+from raytrain_kit.trial import REGISTRY_FILE
+
+REPO = Path(__file__).resolve().parents[1]
+# Dropout and a warmup-cosine schedule: the RNG streams and the schedule's position must match too.
+TRIAL = {"data": {"source": "digits"}, "model": {"kind": "mlp", "hidden": [32], "dropout": 0.2},
+         "optim": {"name": "adamw"}, "schedule": {"kind": "cosine", "warmup_steps": 5},
+         "train": {"epochs": 3, "batch_size": 64, "seed": 5}, "preflight": {"enabled": False},
+         "checkpoint": {"every_epochs": 1, "keep": 2}}
+
+
+def _results(sweep_dir: Path) -> dict[str, list[dict]]:
+    """Tune's results per trial (result.json), which carry the trial process's pid."""
+    return {p.parent.name: [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            for p in sweep_dir.glob("*/result.json")}
+
+
+def test_in_process_trial_writes_the_metrics_a_torchtrainer_run_writes(ray_session, tmp_path):
+    cfg = build_experiment({**TRIAL, "run": {"name": "same", "storage_path": str(tmp_path / "runs")},
+                            "tune": {"space": {"optim.lr": {"grid": [0.004]}}, "num_samples": 1}})
+    lines: list[str] = []
+    summary = run_sweep(cfg, log=lines.append)
+    assert "each in a reused process of its own" in lines[0]
+    sweep_dir = tmp_path / "runs" / "same"
+    (trial_id,) = [p.name for p in (sweep_dir / "runs").iterdir()]
+    in_process = sweep_dir / "runs" / trial_id
+    # The same trial config under Ray Train's TorchTrainer, 1 worker.
+    trainer_cfg = with_overrides(trial_base(cfg, str(sweep_dir)), {"optim.lr": 0.004, "run.name": "under_trainer"})
+    fit(trainer_cfg)
+    under_trainer = sweep_dir / "runs" / "under_trainer"
+    measured = [c for c in MEASURED]
+    a = pd.read_csv(in_process / "metrics.csv").drop(columns=measured, errors="ignore")
+    b = pd.read_csv(under_trainer / "metrics.csv").drop(columns=measured, errors="ignore")
+    assert list(a.columns) == list(b.columns) and {"train_loss", "val_loss", "val_accuracy", "lr", "step"} <= set(a.columns)
+    assert a["epoch"].tolist() == [1, 2, 3]
+    pd.testing.assert_frame_equal(a, b, check_exact=True)  # identical, not close
+    steps_a, steps_b = pd.read_csv(in_process / "steps.csv"), pd.read_csv(under_trainer / "steps.csv")
+    assert len(steps_a) == 3 * 23 and steps_a.equals(steps_b)  # 1,437 rows in batches of 64: 23 steps an epoch
+    # The kit registered and pruned its own checkpoints, as Ray Train does for its runs: the latest 2.
+    assert json.loads((in_process / REGISTRY_FILE).read_text()) == {"checkpoints": ["checkpoint_epoch_0002",
+                                                                                    "checkpoint_epoch_0003"]}
+    assert sorted(p.name for p in in_process.iterdir() if p.name.startswith("checkpoint_epoch")) == [
+        "checkpoint_epoch_0002", "checkpoint_epoch_0003"]
+    assert sorted(checkpoint_dirs(str(in_process))) == [2, 3]
+    trial_summary = json.loads((in_process / "summary.json").read_text())
+    trainer_summary = json.loads((under_trainer / "summary.json").read_text())
+    assert trial_summary["status"] == "finished" and trial_summary["best_value"] == trainer_summary["best_value"]
+    assert summary["best_value"] == trial_summary["best_value"]
+    assert [h["val_loss"] for h in trial_summary["history"]] == [h["val_loss"] for h in trainer_summary["history"]]
+
+
+def test_trials_share_one_process_and_pbt_clones_start_from_the_donor(ray_session, tmp_path):
+    """Four PBT trials, two at a time: two trial processes for all of them; a trial that exploits
+    another continues in a new run whose history begins with the donor's epochs."""
+    cfg = build_experiment({**TRIAL, "train": {"epochs": 4, "batch_size": 64, "seed": 5},
+                            "run": {"name": "pbt", "storage_path": str(tmp_path / "runs")},
+                            "tune": {"space": {"optim.lr": {"loguniform": [1e-5, 3e-2]}}, "num_samples": 4,
+                                     "scheduler": "pbt", "perturbation_interval": 1, "max_concurrent_trials": 2,
+                                     "seed": 3}})
+    run_sweep(cfg)
+    sweep_dir = tmp_path / "runs" / "pbt"
+    results = _results(sweep_dir)
+    assert len(results) == 4
+    assert len({r["pid"] for rows in results.values() for r in rows}) == 2, "trials did not share their processes"
+    runs = {p.name: json.loads((p / "summary.json").read_text()) for p in (sweep_dir / "runs").iterdir()}
+    prefix = next(iter(runs)).split("_")[0]
+    # PBT's own log of each exploit: [target, donor, target's iteration, donor's iteration, ...].
+    exploits = [json.loads(line) for line in (sweep_dir / "pbt_global.txt").read_text().splitlines()]
+    assert exploits, "no trial exploited another"
+    for target, donor, _, donor_epoch, _, new_config in exploits:
+        target_id, donor_id = (f"{prefix}_{int(tag.split('_')[0]):05d}" for tag in (target, donor))
+        donor_epochs = [h["val_loss"] for h in runs[donor_id]["history"][:donor_epoch]]
+        # A new run of the target continues from the donor's checkpoint: its history begins with the
+        # donor's epochs, and goes on with the target's own (perturbed) lr.
+        clones = [s for name, s in runs.items() if name.startswith(f"{target_id}_attempt")
+                  and [h["val_loss"] for h in s["history"][:donor_epoch]] == donor_epochs]
+        assert clones, f"no run of {target_id} continues from {donor_id}'s epoch {donor_epoch}"
+        assert any(s["config"]["optim"]["lr"] == pytest.approx(new_config["optim.lr"]) for s in clones)
+    assert sum(s["status"] == "finished" for s in runs.values()) == 4  # every trial trained to its end
+
+
+def test_quiet_sweep_prints_only_the_result(tmp_path):
+    """`tune -q` through the CLI in a fresh process: the result block alone, nothing from Ray."""
+    config = tmp_path / "quiet.yaml"
+    config.write_text(yaml.safe_dump({**TRIAL, "train": {"epochs": 2, "batch_size": 64},
+                                      "run": {"storage_path": str(tmp_path / "runs")},
+                                      "tune": {"space": {"optim.lr": {"grid": [0.002, 0.004, 0.008]}}, "num_samples": 1,
+                                               "max_concurrent_trials": 1}}))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-m", "raytrain_kit", "tune", str(config), "-q"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stderr == ""
+    lines = done.stdout.splitlines()
+    assert lines[0] == "top trials by val_accuracy (max):" and len(lines) == 1 + 1 + 3 + 2, lines
+    assert lines[-2].startswith("sweep directory: ") and lines[-1].startswith("best config: ")
+    # Three trials, one at a time, in one process.
+    assert len({r["pid"] for rows in _results(tmp_path / "runs" / "quiet").values() for r in rows}) == 1
+
+
+def test_ray_messages_to_the_driver_are_hidden_without_verbose(ray_session, capfd):
+    """What the raylet publishes to drivers (its worker-pool warnings, a dead worker's notice) is
+    printed by a Ray thread; the kit's driver shows it only with --verbose."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def publish() -> None:
+        from ray._private.utils import publish_error_to_driver
+
+        publish_error_to_driver("test", "WARNING: 99 PYTHON worker processes have been started (a test)",
+                                ray._private.worker.global_worker.gcs_client)
+
+    ray.get(publish.remote())
+    time.sleep(2)  # the listener thread polls
+    out, err = capfd.readouterr()
+    assert "99 PYTHON worker processes" not in out + err
+
+
+def test_startup_timeline_starts_when_python_started_not_the_shell(tmp_path):
+    """A shell that works for 3 s and then execs Python keeps its process: the timeline must
+    start at Python's start, not at the shell's."""
+    script = tmp_path / "exec.sh"
+    script.write_text(
+        f"{sys.executable} -c 'import time\nt = time.time()\nwhile time.time() - t < 3: pass'\n"
+        "date +%s.%N\n"
+        f"exec {sys.executable} -c 'import time; from raytrain_kit.launch import _process_started; "
+        "print(_process_started(), time.time())'\n")
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+    before_exec, (origin, now) = float(done.stdout.split()[0]), map(float, done.stdout.split()[1:3])
+    assert before_exec - 0.2 <= origin <= now, (before_exec, origin, now)
+    plain = subprocess.run([sys.executable, "-c", "import time; from raytrain_kit.launch import _process_started; "
+                            "import psutil; print(_process_started() - psutil.Process().create_time())"],
+                           capture_output=True, text=True, timeout=120)
+    assert float(plain.stdout) == pytest.approx(0.0, abs=1e-6)  # not exec'd: the process's own creation
