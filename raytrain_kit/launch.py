@@ -9,10 +9,12 @@ that `report` and sweeps read. `sweep` reuses `fit`. Exercised by
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import pyarrow.fs as pafs
@@ -495,7 +497,7 @@ class StepwiseRun:
         self.epochs = train_in_process(cfg, self.run.spec, self.run.datasets, directory=self.run.directory,
                                        init_checkpoint=self.link.init_checkpoint, position=self.position,
                                        startup=self.run.startup)
-        self.rng: Optional[torch.Tensor] = None
+        self.rng: Optional[tuple] = None
         self.summary: Optional[dict] = None
         self.closed = False
 
@@ -503,8 +505,11 @@ class StepwiseRun:
         """Train the next epoch and return its report (with its checkpoint's path, if one was
         written), or None when the run has no epoch left. Raises RunError (summary written) when
         training raises, with the error's first line, as a worker's would read."""
+        gpu = self.run.cfg.scaling.use_gpu
         if self.rng is not None:
-            torch.set_rng_state(self.rng)
+            torch.set_rng_state(self.rng[0])
+            if gpu:
+                torch.cuda.set_rng_state_all(self.rng[1])
         try:
             metrics = next(self.epochs)
         except StopIteration:
@@ -512,8 +517,8 @@ class StepwiseRun:
         except Exception as e:
             write_failure(self.run.directory, e, rank=0, epoch=self.position["epoch"], step=self.position["step"])
             self.close(error=_worker_error(e, self.run.directory, since=self.started), details=traceback_text(e))
-        finally:
-            self.rng = torch.get_rng_state()
+        finally:  # dropout's streams: CPU, and each GPU's
+            self.rng = (torch.get_rng_state(), torch.cuda.get_rng_state_all() if gpu else None)
         self.run.forward(metrics)
         return metrics
 
@@ -568,7 +573,11 @@ def checkpoint_dirs(directory: str) -> dict[int, str]:
 
 def remove_orphan_checkpoints(directory: str) -> list[str]:
     """A checkpoint uploaded while a worker died is never registered (its epoch is trained again);
-    its directory would pass for a real checkpoint to anyone browsing the run: remove it."""
+    its directory would pass for a real checkpoint to anyone browsing the run: remove it, and any
+    in-process run's checkpoint that was still being written beside its final name (trial.py)."""
+    if "://" not in directory:
+        for staging in Path(directory).glob(f".{ckpt.CHECKPOINT_PREFIX}*"):
+            shutil.rmtree(staging, ignore_errors=True)
     registered = _registered_checkpoint_names(directory)
     if registered is None:
         return []

@@ -455,6 +455,32 @@ def trial_base(cfg: Experiment, directory: str) -> Experiment:
     return with_overrides(cfg, overrides)
 
 
+def build_tuner(cfg: Experiment, trainable, *, plan: SweepPlan, resume: bool, board_name: str,
+                log: Callable[[str], None]) -> tune.Tuner:
+    """The sweep's Tuner: a new one, or (resume) the one saved in the sweep directory, whose
+    finished trials are kept and whose unfinished ones continue from their checkpoints."""
+    directory = launch.run_dir(cfg)
+    if resume:
+        return tune.Tuner.restore(directory, trainable, resume_unfinished=True, resume_errored=True,
+                                  param_space=build_param_space(cfg))
+    metric, mode = sweep_metric(cfg)
+    return tune.Tuner(
+        trainable, param_space=build_param_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=metric, mode=mode, search_alg=build_search_alg(cfg, max_concurrent=plan.max_concurrent_trials),
+            scheduler=build_scheduler(cfg), num_samples=cfg.tune.num_samples,
+            # In-process trials: the next trial runs in a finished one's process (reset_config).
+            reuse_actors=plan.in_process, trial_dirname_creator=lambda trial: trial.trial_id),
+        run_config=tune.RunConfig(
+            name=cfg.run.name, storage_path=launch.storage_root(cfg), verbose=0,
+            callbacks=[_PrintTrials(cfg, log, board_name)],
+            # PBT clones a donor's checkpoint some time after it was reported: keep them all
+            # (each is a pointer file of a few hundred bytes; the Train checkpoints are kept
+            # by trial_base).
+            checkpoint_config=tune.CheckpointConfig(
+                checkpoint_frequency=1, num_to_keep=None if cfg.tune.scheduler == "pbt" else 2)))
+
+
 def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], None] = lambda line: None) -> dict:
     """Run (or continue) the sweep; writes its outputs and returns a summary. Raises KitError."""
     assert cfg.tune is not None, "the CLI refuses a config without a tune section"
@@ -496,25 +522,7 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
                              parallel_folds=plan.parallel_folds, board_name=board_name, gates=gate_epochs(cfg),
                              mlflow_parent=mlflow_parent),
         plan.trial_resources())
-    if resume:
-        tuner = tune.Tuner.restore(directory, trainable, resume_unfinished=True, resume_errored=True,
-                                   param_space=build_param_space(cfg))
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=build_param_space(cfg),
-            tune_config=tune.TuneConfig(
-                metric=metric, mode=mode, search_alg=build_search_alg(cfg, max_concurrent=plan.max_concurrent_trials),
-                scheduler=build_scheduler(cfg), num_samples=cfg.tune.num_samples,
-                # In-process trials: the next trial runs in a finished one's process (reset_config).
-                reuse_actors=plan.in_process, trial_dirname_creator=lambda trial: trial.trial_id),
-            run_config=tune.RunConfig(
-                name=cfg.run.name, storage_path=launch.storage_root(cfg), verbose=0,
-                callbacks=[_PrintTrials(cfg, log, board_name)],
-                # PBT clones a donor's checkpoint some time after it was reported: keep them all
-                # (each is a pointer file of a few hundred bytes; the Train checkpoints are kept
-                # by trial_base).
-                checkpoint_config=tune.CheckpointConfig(
-                    checkpoint_frequency=1, num_to_keep=None if cfg.tune.scheduler == "pbt" else 2)))
+    tuner = build_tuner(cfg, trainable, plan=plan, resume=resume, board_name=board_name, log=log)
     results = tuner.fit()
     ray.kill(board)
     table, history = trial_table(cfg, results)

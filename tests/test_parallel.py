@@ -140,20 +140,20 @@ def test_sharded_checkpoint_resumes_on_one_and_on_four_workers(runs):
     """The fsdp run's epoch-3 checkpoint, written by 2 workers, goes on for a 4th epoch on 1
     worker and on 4 (and under ddp): each continues exactly as the single process's
     uninterrupted 4th epoch."""
-    from raytrain_kit.launch import checkpoint_dirs
+    from raytrain_kit.launch import TrialLink, checkpoint_dirs
 
     fsdp = runs["fsdp"]
     checkpoint = checkpoint_dirs(fsdp["run_dir"])[3]
     assert sorted(p.name for p in Path(checkpoint, "sharded").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     reference = step_losses(runs["single"]["run_dir"])[36:]
     one = fit(_config(runs["storage"], "fsdp_on_1", num_workers=1, strategy="fsdp", epochs=4),
-              datasets_and_spec=_datasets(1), init_checkpoint=checkpoint)
+              datasets_and_spec=_datasets(1), trial=TrialLink(init_checkpoint=checkpoint))
     four = fit(with_overrides(fsdp["cfg"], {"scaling.num_workers": 4, "train.batch_size": 4, "train.epochs": 4,
                                             "scaling.cpus_per_worker": 0.5}),
                datasets_and_spec=_datasets(4), resume=True)
     # A ddp run reads the whole tensors out of the same shards.
     ddp = fit(_config(runs["storage"], "ddp_from_fsdp", num_workers=2, epochs=4), datasets_and_spec=_datasets(2),
-              init_checkpoint=checkpoint)
+              trial=TrialLink(init_checkpoint=checkpoint))
     # The clone records only the steps it took; the resumed run keeps its first three epochs'.
     for summary, first_step in ((one, 37), (four, 1), (ddp, 37)):
         assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4]
