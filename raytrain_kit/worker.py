@@ -104,9 +104,10 @@ def _train_loop(loop_config: dict, where: dict) -> None:
         data = StreamedData(ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"), state)
     startup["data_ready"] = time.time()
 
+    # The run's report queue, on rank 0 when the driver draws a progress bar (a Queue's truth is its length).
     progress = loop_config.get("queue") if rank == 0 and loop_config.get("progress") else None
     on_batch_for = (lambda epoch, first_step: _progress_sender(progress, epoch=epoch, num_batches=state.batches_per_epoch,
-                                                              world_size=world_size)) if progress else None
+                                                              world_size=world_size)) if progress is not None else None
     for report in run_epochs(state, data, on_batch_for=on_batch_for):
         reported = report.payload(rank=rank, startup=startup)
         startup = None

@@ -69,34 +69,42 @@ def test_in_process_trial_writes_the_metrics_a_torchtrainer_run_writes(ray_sessi
     assert [h["val_loss"] for h in trial_summary["history"]] == [h["val_loss"] for h in trainer_summary["history"]]
 
 
-def test_trials_share_one_process_and_pbt_clones_start_from_the_donor(ray_session, tmp_path):
-    """Four PBT trials, two at a time: two trial processes for all of them; a trial that exploits
-    another continues in a new run whose history begins with the donor's epochs."""
+def test_a_reused_trial_process_clones_a_donor_as_pbt_does(ray_session, tmp_path):
+    """What PBT does with a reused trial process, step by step: a trial trains 2 epochs and Tune
+    saves it; the process is reset to another trial's config and restored from that checkpoint
+    (the exploit); it then trains on from the donor's weights with its own lr, in a new run whose
+    history begins with the donor's epochs. The donor's run ends "stopped" at the reset."""
+    from ray import tune
+
+    from raytrain_kit.data import build_datasets
+    from raytrain_kit.sweep import TrialTrainable
+
     cfg = build_experiment({**TRIAL, "train": {"epochs": 4, "batch_size": 64, "seed": 5},
-                            "run": {"name": "pbt", "storage_path": str(tmp_path / "runs")},
-                            "tune": {"space": {"optim.lr": {"loguniform": [1e-5, 3e-2]}}, "num_samples": 4,
-                                     "scheduler": "pbt", "perturbation_interval": 1, "max_concurrent_trials": 2,
-                                     "seed": 3}})
-    run_sweep(cfg)
-    sweep_dir = tmp_path / "runs" / "pbt"
-    results = _results(sweep_dir)
-    assert len(results) == 4
-    assert len({r["pid"] for rows in results.values() for r in rows}) == 2, "trials did not share their processes"
+                            "run": {"name": "clone", "storage_path": str(tmp_path / "runs")},
+                            "tune": {"space": {"optim.lr": {"loguniform": [1e-4, 3e-2]}}, "scheduler": "pbt"}})
+    sweep_dir = tmp_path / "runs" / "clone"
+    trainable_class = tune.with_parameters(TrialTrainable, base=trial_base(cfg, str(sweep_dir)),
+                                           data=[build_datasets(cfg)], parallel_folds=False)
+    trial = trainable_class(config={"optim.lr": 0.01})
+    donor_results = [trial.train() for _ in range(2)]
+    saved = trial.save(str(tmp_path / "tune_checkpoint"))
+    assert trial.reset({"optim.lr": 0.002})  # the next trial, in the same process
+    trial.restore(saved)
+    clone_results = [trial.train() for _ in range(2)]
+    trial.stop()
+    assert [r["epoch"] for r in donor_results + clone_results] == [1, 2, 3, 4] and clone_results[-1]["done"]
     runs = {p.name: json.loads((p / "summary.json").read_text()) for p in (sweep_dir / "runs").iterdir()}
-    prefix = next(iter(runs)).split("_")[0]
-    # PBT's own log of each exploit: [target, donor, target's iteration, donor's iteration, ...].
-    exploits = [json.loads(line) for line in (sweep_dir / "pbt_global.txt").read_text().splitlines()]
-    assert exploits, "no trial exploited another"
-    for target, donor, _, donor_epoch, _, new_config in exploits:
-        target_id, donor_id = (f"{prefix}_{int(tag.split('_')[0]):05d}" for tag in (target, donor))
-        donor_epochs = [h["val_loss"] for h in runs[donor_id]["history"][:donor_epoch]]
-        # A new run of the target continues from the donor's checkpoint: its history begins with the
-        # donor's epochs, and goes on with the target's own (perturbed) lr.
-        clones = [s for name, s in runs.items() if name.startswith(f"{target_id}_attempt")
-                  and [h["val_loss"] for h in s["history"][:donor_epoch]] == donor_epochs]
-        assert clones, f"no run of {target_id} continues from {donor_id}'s epoch {donor_epoch}"
-        assert any(s["config"]["optim"]["lr"] == pytest.approx(new_config["optim.lr"]) for s in clones)
-    assert sum(s["status"] == "finished" for s in runs.values()) == 4  # every trial trained to its end
+    (donor_name,) = [n for n in runs if "_attempt" not in n]
+    donor, clone = runs[donor_name], runs[f"{donor_name}_attempt1"]
+    assert donor["status"] == "stopped" and [h["epoch"] for h in donor["history"]] == [1, 2]
+    assert clone["status"] == "finished" and [h["epoch"] for h in clone["history"]] == [1, 2, 3, 4]
+    assert clone["history"][:2] == donor["history"]  # the donor's epochs, restored from its checkpoint
+    assert clone["config"]["optim"]["lr"] == 0.002
+    # The clone's schedule kept its position (step 46 of 92) and follows its own base lr from there.
+    from raytrain_kit.optim import lr_at
+
+    assert clone_results[0]["step"] == 3 * 23
+    assert clone_results[0]["lr"] == pytest.approx(lr_at(46, base_lr=0.002, cfg=cfg.schedule, total_steps=92), rel=1e-9)
 
 
 def test_quiet_sweep_prints_only_the_result(tmp_path):
