@@ -1,9 +1,11 @@
-"""Launch one training run: connect to Ray, build the `TorchTrainer`, fit, write `summary.json`.
+"""Launch one training run: build the `TorchTrainer`, fit, write `summary.json`.
 
 Owns the run directory (`run.storage_path/run.name`, local or a URI), the resume-or-refuse
 decision, the progress stream from Ray Train's controller to the driver, and the summary
-that `report` and sweeps read. `sweep` reuses `fit`. Exercised by
-`raytrain-kit train jobs/digits.yaml`.
+that `report` and sweeps read. Every run is `open_run` (checks, data, preflight, records),
+training, then `close_run` (checkpoints reconciled, summary): `fit` trains through Ray Train;
+`StepwiseRun` trains a sweep's single-worker trial in the calling process, an epoch per call
+(trial.py). `sweep` uses both. Exercised by `raytrain-kit train jobs/digits.yaml` and `tune`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from raytrain_kit.parallel import check_blocks, is_sharded
 from raytrain_kit.preflight import run_preflight
 from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file  # noqa: F401 (re-exported)
 from raytrain_kit.tracking import RunRecorder, check_tracking
-from raytrain_kit.loop import STARTUP, STEP_LOSSES
+from raytrain_kit.loop import REPORT_SEQ, STARTUP, STEP_LOSSES
 from raytrain_kit.trial import registered_checkpoints, train_in_process
 from raytrain_kit.worker import train_loop_per_worker, write_failure
 
@@ -91,12 +93,14 @@ def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event, abor
             on_progress: Optional[Callable[[dict], None]], seen: dict) -> None:
     """Forward reports to `on_epoch` (and rank 0's in-epoch progress to `on_progress`) until
     `stop`; once `abort` is set, ask Ray Train's controller to abort the run (workers shut down
-    cleanly, the placement group is freed). `seen` gets the controller's handle, the last epoch
-    received and rank 0's end message (see `_await_last_report`)."""
+    cleanly, the placement group is freed). `seen` gets the controller's handle, the number of
+    reports delivered and rank 0's end message, its number of reports (see `_await_last_report`)."""
     from ray.exceptions import RayActorError
     from ray.util.queue import Empty
 
     controller, aborted = None, False
+    order = [float("-inf"), 0]  # the worker group's start time, the number of the next report to deliver
+    pending: dict[int, dict] = {}  # reports that arrived before one made earlier
     while True:
         if abort.is_set() and controller is not None and not aborted:
             controller.abort.remote()
@@ -114,21 +118,35 @@ def _follow(queue, on_epoch: Callable[[dict], None], stop: threading.Event, abor
         elif "progress" in message:
             if on_progress and not aborted:
                 on_progress(message["progress"])
-        elif "end" in message:  # rank 0 finished; its last report may still be on its way
+        elif "end" in message:  # rank 0 finished; its last reports may still be on their way
             seen["end"] = message["end"]
         else:
-            seen["last"] = max(seen.get("last", 0), message["epoch"])
-            if not aborted:
-                on_epoch(message)
+            # In the order rank 0 made them: the queue's actor may run two puts in either order,
+            # and a record taken out of order would replace the epochs after it.
+            generation, number = message.pop(REPORT_SEQ)
+            if generation > order[0]:  # a restarted worker group numbers its reports anew
+                order, pending = [generation, 0], {}
+            elif generation < order[0]:  # from a group since replaced: its epochs are trained again
+                continue
+            pending[number] = message
+            while order[1] in pending:
+                ready = pending.pop(order[1])
+                order[1] += 1
+                seen["delivered"] = tuple(order)
+                if not aborted:
+                    on_epoch(ready)
 
 
 def _await_last_report(seen: dict, *, timeout_s: float = 60.0) -> None:
-    """After a run that ended normally: wait until the report of the last epoch rank 0 reported
-    (its "end" message) has reached the follower (both travel without waiting)."""
+    """After a run that ended normally: wait until every report rank 0 made (its "end" message
+    counts them) has reached the follower (both travel without waiting)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if "end" in seen and (seen["end"] is None or seen.get("last", 0) >= seen["end"]):
-            return
+        if "end" in seen:
+            generation, num_reports = seen["end"]
+            delivered = seen.get("delivered", (generation, 0))
+            if num_reports == 0 or (delivered[0] == generation and delivered[1] >= num_reports):
+                return
         time.sleep(0.01)
 
 

@@ -46,6 +46,8 @@ from raytrain_kit.tracking import HISTOGRAMS, histogram_epoch, layer_histograms
 # Report keys that only rank 0 adds to a report, for the run's records; never part of the history.
 STARTUP = "startup"  # its first report: wall-clock times of its start-up stages (the summary's `startup`)
 STEP_LOSSES = "step_losses"  # the mean loss of each optimizer step of the epoch, over every worker's rows
+# [worker group's start time, report's number in it (0, 1, ...)]: the driver takes them in this order.
+REPORT_SEQ = "report_seq"
 # Metrics measured in time or memory, which two runs of the same config and seed never share.
 MEASURED = ("samples_per_s", "epoch_s", "data_s", "compute_s", "sync_s", "val_s", "wall_time", "state_mb",
             "peak_rss_mb", "gpu_peak_mb")

@@ -24,7 +24,8 @@ from raytrain_kit import checkpoint as ckpt
 from raytrain_kit.config import build_experiment
 from raytrain_kit.data import read_block_ranges, spec_from_dict
 from raytrain_kit.errors import traceback_text
-from raytrain_kit.loop import InMemoryData, StreamedData, build_train_state, restore, run_epochs, write_checkpoint
+from raytrain_kit.loop import REPORT_SEQ, InMemoryData, StreamedData, build_train_state, restore, run_epochs, \
+    write_checkpoint
 from raytrain_kit.storage import write_run_file
 
 
@@ -39,7 +40,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     rank = ray.train.get_context().get_world_rank()
-    where = {"epoch": None, "step": None, "reported": None}  # kept current by the loop
+    where = {"epoch": None, "step": None, "reported": None, "num_reports": 0}  # kept current by the loop
     try:
         _train_loop(loop_config, where)
     except Exception as e:
@@ -47,9 +48,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             write_failure(loop_config["run_dir"], e, rank=rank, epoch=where["epoch"], step=where["step"])
         raise
     if rank == 0 and loop_config.get("queue") is not None:
-        # Reports reach the driver without anyone waiting on them; this tells it which is the
-        # last, so it returns with every one (see launch._await_last_report).
-        ray.get(loop_config["queue"].actor.put.remote({"end": where["reported"]}))
+        # Reports reach the driver without anyone waiting on them; this tells it how many there
+        # were, so it returns with every one (see launch._await_last_report).
+        ray.get(loop_config["queue"].actor.put.remote({"end": [where["generation"], where["num_reports"]]}))
 
 
 def failure_log_name(rank: int) -> str:
@@ -82,6 +83,8 @@ def _train_loop(loop_config: dict, where: dict) -> None:
     import ray.train.torch
 
     startup = {"worker_started": time.time()}
+    # This worker group's reports are numbered from 0; a restarted group (a later start) anew.
+    where["generation"] = startup["worker_started"]
     cfg = build_experiment(loop_config["experiment"])
     spec = spec_from_dict(loop_config["spec"])
     context = ray.train.get_context()
@@ -110,6 +113,9 @@ def _train_loop(loop_config: dict, where: dict) -> None:
                                                               world_size=world_size)) if progress is not None else None
     for report in run_epochs(state, data, on_batch_for=on_batch_for):
         reported = report.payload(rank=rank, startup=startup)
+        if rank == 0:  # their order: Ray's queue actor may run two puts in either order
+            reported[REPORT_SEQ] = [where["generation"], where["num_reports"]]
+        where["num_reports"] += 1
         startup = None
         if report.save:
             _report_with_checkpoint(state, reported)
