@@ -540,11 +540,30 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _key_path(dotted: str) -> list[str]:
+    """The nested keys a dotted override names. Keys of `tune.space` are dotted config paths
+    themselves, so what follows `tune.space.` is one key, e.g. `tune.space.optim.lr` ->
+    ["tune", "space", "optim.lr"]; a trailing search kind sets that entry's kind alone:
+    `tune.space.optim.lr.loguniform` -> ["tune", "space", "optim.lr", "loguniform"]."""
+    parts = dotted.split(".")
+    if parts[:2] != ["tune", "space"] or len(parts) < 3:
+        return parts
+    rest = parts[2:]
+    if len(rest) > 1 and rest[-1] in SearchDomain.model_fields:
+        return ["tune", "space", ".".join(rest[:-1]), rest[-1]]
+    return ["tune", "space", ".".join(rest)]
+
+
 def _apply(raw: dict, overrides: Mapping[str, Any]) -> dict:
     """Set dotted keys in a nested dict (a copy), creating sections as needed."""
     raw = copy.deepcopy(raw)
     for dotted, value in overrides.items():
-        parts = dotted.split(".")
+        parts = _key_path(dotted)
+        if len(parts) == 4 and parts[:2] == ["tune", "space"]:
+            # A new search kind replaces the entry's old one: a domain holds exactly one kind.
+            space = (raw.get("tune") or {}).get("space") or {}
+            if isinstance(space.get(parts[2]), dict):
+                space[parts[2]] = {}
         node = raw
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)

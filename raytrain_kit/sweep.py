@@ -419,8 +419,14 @@ class _PrintTrials(tune.Callback):
         self.num_done += 1
         result = trial.last_result or {}
         values = "  ".join(f"{k}={_short(trial.config.get(k))}" for k in self.cfg.tune.space)
-        value = result.get(self.metric)
-        shown = f"{self.metric} {value:.4f}" if isinstance(value, (int, float)) else "no result"
+        last = result.get(self.metric)
+        best = (trial.metric_analysis.get(self.metric) or {}).get(self.mode)
+        if not isinstance(last, (int, float)):
+            shown = "no result"
+        elif isinstance(best, (int, float)) and best != last:
+            shown = f"{self.metric} best {best:.4f}, last {last:.4f}"
+        else:
+            shown = f"{self.metric} {last:.4f} (best)"
         self.log(f"trial {trial.trial_id} {status} at epoch {result.get('epoch', 0)}: {shown}  {values}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -503,7 +509,7 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
         launch.write_run_file(directory, launch.CONFIG_FILE, to_yaml(cfg))
     metric, mode = sweep_metric(cfg)
     log(f"sweep {cfg.run.name}: {cfg.tune.search} search, {cfg.tune.scheduler} scheduler, "
-        f"{plan.max_concurrent_trials} trial(s) at a time, {plan.cpus_per_trial:g} CPUs each"
+        f"{plan.max_concurrent_trials} trial(s) at a time, {plan.cpus_per_trial:g} CPU(s) each"
         + (", each in a reused process of its own" if plan.in_process else ", each a Ray Train run")
         + (f", {plan.num_folds} folds per trial ({'side by side' if plan.parallel_folds else 'in sequence'})"
            if plan.num_folds > 1 else ""))

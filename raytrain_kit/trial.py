@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Optional
@@ -132,7 +133,10 @@ def save_checkpoint(state: TrainState, directory: str) -> str:
             shutil.rmtree(local, ignore_errors=True)
     else:
         os.makedirs(directory, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
+        # Not mkdtemp: its 0700 would outlive the rename; makedirs gives the umask's mode, as
+        # every other directory of the run has.
+        staging = Path(directory) / f".{name}.{uuid.uuid4().hex}"
+        os.makedirs(staging)
         write_checkpoint(state, staging)
         if os.path.isdir(target):
             os.rmdir(target)  # emptied above

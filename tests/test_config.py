@@ -31,6 +31,22 @@ def test_overrides_parse_yaml_values_and_revalidate():
         with_overrides(cfg, {"optim.lr": -1})
 
 
+def test_overrides_of_a_search_space_entry_keep_its_dotted_key():
+    """`tune.space` is keyed by dotted config paths: `--set tune.space.optim.lr=...` names the
+    entry `optim.lr`, not a section `optim` holding `lr`."""
+    path = REPO / "jobs/sweep_digits.yaml"
+    whole = load_experiment(path, ["tune.space.optim.lr={loguniform: [1.0e-3, 1.0e-2]}"])
+    assert whole.tune.space["optim.lr"].loguniform == (1e-3, 1e-2)
+    assert set(whole.tune.space) == {"optim.lr", "init.scheme", "regularization.l2"}
+    kind = load_experiment(path, ["tune.space.optim.lr.choice=[0.01, 0.02]"])
+    assert kind.tune.space["optim.lr"].choice == [0.01, 0.02]
+    assert kind.tune.space["optim.lr"].loguniform is None  # the new kind replaces the old one
+    added = load_experiment(path, ["tune.space.model.dropout.uniform=[0.0, 0.5]"])
+    assert added.tune.space["model.dropout"].uniform == (0.0, 0.5)
+    with pytest.raises(ConfigError, match=r"tune\.space\.optim\.lrr: unknown key; did you mean 'optim\.lr'\?"):
+        load_experiment(path, ["tune.space.optim.lrr.choice=[0.01]"])
+
+
 def test_unknown_key_suggests_nearest():
     with pytest.raises(ConfigError) as e:
         build_experiment({"optim": {"learning_rate": 0.1}, "schedul": {}})

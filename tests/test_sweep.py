@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import time
 from pathlib import Path
 
@@ -240,6 +242,20 @@ def test_asha_sweep_frees_every_cpu_reports_and_best_yaml_trains_to_the_best_met
     assert table["best_value"].is_monotonic_decreasing and summary["best_value"] == table["best_value"].iloc[0]
     assert pd.read_parquet(sweep_dir / "trials.parquet")["trial_id"].tolist() == table["trial_id"].tolist()
     assert sum(line.startswith("trial ") for line in lines) == 4
+    # Each trial's line says which value is its best and which its last, as trials.csv does.
+    for line in (line for line in lines if line.startswith("trial ")):
+        m = re.match(r"trial (\S+) (finished|stopped) at epoch (\d+): val_accuracy "
+                     r"(?:best ([\d.]+), last ([\d.]+)|([\d.]+) \(best\))", line)
+        assert m, line
+        row = table.set_index("trial_id").loc[m[1]]
+        best_shown, last_shown = (float(m[4]), float(m[5])) if m[4] else (float(m[6]), float(m[6]))
+        assert (best_shown, last_shown) == (round(row["best_value"], 4), round(row["final_value"], 4))
+        assert (m[2], int(m[3])) == (row["status"], row["epochs_run"])
+    # The trial's own checkpoints get the mode every other directory of the run gets.
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {oct(p.stat().st_mode & 0o777) for p in (sweep_dir / "runs").glob("*/checkpoint_*")}
+    assert modes == {oct(0o777 & ~umask)}
     best = table.iloc[0]
     # Every trial is an MLflow child of the sweep's run.
     client = MlflowClient(store)
