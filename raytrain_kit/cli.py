@@ -85,6 +85,15 @@ def _report(directory: str, progress) -> None:
     progress.line(f"report:        {written[-1]}")
 
 
+def _finish(directory: str, progress, *, started_ray: bool) -> None:
+    """The report, then the end of an embedded Ray this command started."""
+    from raytrain_kit.cluster import disconnect
+
+    _report(directory, progress)
+    if started_ray:
+        disconnect()
+
+
 def _train(args) -> int:
     from raytrain_kit.cluster import connect
     from raytrain_kit.config import load_experiment
@@ -92,7 +101,7 @@ def _train(args) -> int:
 
     cfg = load_experiment(args.config, args.overrides)
     progress = Progress(total_epochs=cfg.train.epochs, verbosity=_verbosity(args))
-    connect(args.address, verbose=progress.verbosity >= VERBOSE)  # before the kit's heavy imports
+    started_ray = connect(args.address, verbose=progress.verbosity >= VERBOSE)  # before the kit's heavy imports
     from raytrain_kit.launch import fit, run_dir
 
     try:
@@ -108,7 +117,7 @@ def _train(args) -> int:
     startup = format_startup(summary.get("startup") or {})
     if startup:
         progress.line(startup)
-    _report(run_dir(cfg), progress)
+    _finish(run_dir(cfg), progress, started_ray=started_ray)
     return 0
 
 
@@ -124,7 +133,9 @@ def _tune(args) -> int:
         raise ConfigError(f"{args.config}: no tune section; add tune.space (see the README's sweep section), "
                           "or use `raytrain-kit train` for a single run")
     progress = Progress(total_epochs=cfg.train.epochs, verbosity=_verbosity(args))
-    connect(args.address, verbose=progress.verbosity >= VERBOSE)
+    # Trials that train in their own processes start no Ray Train run (sweep.plan_resources).
+    in_process = cfg.scaling.num_workers == 1 and cfg.scaling.strategy == "ddp"
+    started_ray = connect(args.address, verbose=progress.verbosity >= VERBOSE, state_api=not in_process)
     summary = run_sweep(cfg, resume=args.resume, log=progress.line)
     table = summary["table"]
     shown = [c for c in ("trial_id", *cfg.tune.space, "best_value", "best_epoch", "epochs_run", "status") if c in table]
@@ -132,7 +143,7 @@ def _tune(args) -> int:
     print(table[shown].head(5).to_string(index=False))
     print(f"sweep directory: {summary['run_dir']}")
     print(f"best config:     {summary['best_yaml']}  (raytrain-kit train {summary['best_yaml']})")
-    _report(summary["run_dir"], progress)
+    _finish(summary["run_dir"], progress, started_ray=started_ray)
     return 0
 
 

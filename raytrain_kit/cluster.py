@@ -25,13 +25,19 @@ _ray_ready_at: Optional[float] = None
 IDLE_WORKERS_KEPT = 6  # worker processes an embedded Ray keeps beyond one per CPU (see `connect`)
 
 
-def connect(address: Optional[str] = None, *, verbose: bool = False) -> None:
+def connect(address: Optional[str] = None, *, verbose: bool = False, state_api: bool = True) -> bool:
     """Join `address`, else RAY_ADDRESS (set by `ray job submit`), else start an embedded Ray.
+
+    Returns True when this call started an embedded Ray (its caller ends it: `disconnect`).
+
+    `state_api=False`: the embedded Ray starts no dashboard, for work that starts no Ray Train
+    run (a sweep whose trials train in their own processes). The dashboard serves the State API
+    only Ray Train's clean-up uses, and its processes cost about 2 s of CPU at the start.
     Ray's own log stream (its actors' and workers' output, which reprints every traceback) reaches
     this process only when `verbose`: the kit prints progress and worker errors itself."""
     global _ray_ready_at, _started_embedded_ray
     if ray.is_initialized():
-        return
+        return False
     # Ray's start is mostly waiting for its processes; import torch meanwhile (about 1.5 s
     # sooner to the first step on 2 cores). torch imports nothing of Ray's, so the two imports
     # cannot deadlock on each other's module locks.
@@ -69,11 +75,13 @@ def connect(address: Optional[str] = None, *, verbose: bool = False) -> None:
         # and that process's start costs a 2-worker run about 1 s on 2 cores. Propagated by Train.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         for attempt in range(2):
-            port = _free_port()
-            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            dashboard: dict = dict(include_dashboard=False)
+            if state_api:
+                port = _free_port()
+                os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+                dashboard = dict(include_dashboard=True, dashboard_port=port)
             try:
-                ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_port=port,
-                         _system_config=pool, **quiet)
+                ray.init(address="local", num_cpus=num_cpus, _system_config=pool, **dashboard, **quiet)
                 break
             except Exception as e:
                 # On a loaded machine the raylet can give up waiting for its agents ("timed out
@@ -91,6 +99,7 @@ def connect(address: Optional[str] = None, *, verbose: bool = False) -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
     preload.join()
     _ray_ready_at = time.time()
+    return not (address or os.environ.get("RAY_ADDRESS"))
 
 
 def _hide_raylet_messages() -> None:
@@ -102,6 +111,14 @@ def _hide_raylet_messages() -> None:
     import ray._private.worker as ray_worker
 
     ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: None
+
+
+def disconnect() -> None:
+    """End the embedded Ray this process started, once its work is written. Called explicitly
+    rather than left to Ray's exit hook, which first sleeps 0.5 s to print late worker errors
+    (the kit reports those itself). Not in a thread beside other work: any Ray object freed
+    meanwhile would call into a core worker that is gone, which ends the process."""
+    ray.shutdown()
 
 
 def ray_ready_at() -> Optional[float]:

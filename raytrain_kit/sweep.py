@@ -9,6 +9,7 @@ same path as `--set`), and the sweep's outputs: `trials.csv` / `trials.parquet`,
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -247,6 +248,11 @@ class TrialTrainable(tune.Trainable):
         self.parallel_folds = parallel_folds  # TorchTrainer runs: a trial's folds train at once
         self.num_folds = len(data)
         self._begin(config)
+        # This process trains trial after trial (Tune's actor reuse): what it keeps for good
+        # (torch, Ray, the data) is frozen out of Python's garbage collections once, here,
+        # instead of being scanned again at every run's start (loop.run_epochs).
+        gc.collect()
+        gc.freeze()
 
     def _begin(self, config: dict) -> None:
         self.cfg = with_overrides(self.base, config)  # the same override path as --set
@@ -409,7 +415,7 @@ def _run_name(trial_id: str, fold: int, num_folds: int, attempt: int) -> str:
 class _PrintTrials(tune.Callback):
     """One line per finished, stopped or failed trial (Tune's own tables are off)."""
 
-    def __init__(self, cfg: Experiment, log: Callable[[str], None], board_name: str):
+    def __init__(self, cfg: Experiment, log: Callable[[str], None], board_name: Optional[str]):
         # By name, not handle: a resumed sweep restores this callback with a new driver's board.
         self.cfg, self.log, self.board_name = cfg, log, board_name
         self.metric, self.mode = sweep_metric(cfg)
@@ -431,7 +437,8 @@ class _PrintTrials(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         try:  # at the decision: see StopBoard
-            ray.get_actor(self.board_name).stop.remote(trial.trial_id)
+            if self.board_name:
+                ray.get_actor(self.board_name).stop.remote(trial.trial_id)
         except ValueError:
             pass
         self._line(trial, "finished" if _epochs_run(trial.last_result) >= _max_epochs(self.cfg) else "stopped")
@@ -461,7 +468,7 @@ def trial_base(cfg: Experiment, directory: str) -> Experiment:
     return with_overrides(cfg, overrides)
 
 
-def build_tuner(cfg: Experiment, trainable, *, plan: SweepPlan, resume: bool, board_name: str,
+def build_tuner(cfg: Experiment, trainable, *, plan: SweepPlan, resume: bool, board_name: Optional[str],
                 log: Callable[[str], None]) -> tune.Tuner:
     """The sweep's Tuner: a new one, or (resume) the one saved in the sweep directory, whose
     finished trials are kept and whose unfinished ones continue from their checkpoints."""
@@ -521,8 +528,10 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
     check_tracking(cfg)
     # Each trial's run (each fold's) is an MLflow child of the sweep's run.
     mlflow_parent = start_mlflow_run(cfg, resume=resume) if cfg.tracking.mlflow_uri else None
-    board_name = "raytrain-kit-stops-" + hashlib.sha1(directory.encode()).hexdigest()[:16]
-    board = StopBoard.options(name=board_name, get_if_exists=True).remote()
+    # Only Train runs wait at gates and need the decision posted; in-process trials are simply not
+    # stepped again, and the board's process (which imports the kit) would only cost CPU.
+    board_name = None if plan.in_process else "raytrain-kit-stops-" + hashlib.sha1(directory.encode()).hexdigest()[:16]
+    board = StopBoard.options(name=board_name, get_if_exists=True).remote() if board_name else None
     trainable = tune.with_resources(
         tune.with_parameters(TrialTrainable, base=trial_base(cfg, directory), data=data,
                              parallel_folds=plan.parallel_folds, board_name=board_name, gates=gate_epochs(cfg),
@@ -530,7 +539,8 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
         plan.trial_resources())
     tuner = build_tuner(cfg, trainable, plan=plan, resume=resume, board_name=board_name, log=log)
     results = tuner.fit()
-    ray.kill(board)
+    if board is not None:
+        ray.kill(board)
     table, history = trial_table(cfg, results)
     if table.empty or table["best_value"].isna().all():
         errors = "; ".join(e for e in table.get("error", pd.Series(dtype=str)).dropna().unique()[:3]) if not table.empty else ""
