@@ -13,7 +13,7 @@ epoch). Prints and writes to benchmarks/results/tune.json:
   run's summary, not only those the scheduler saw);
 - the median per-trial overhead: a trial's time in Tune (`time_total_s`) minus its epochs'
   training and validation seconds (goal: <= 1.5 s for single-worker trials);
-- the floor under any Ray sweep of torch trials here (`--floor` adds it, as a command of its own):
+- the floor under any Ray sweep of torch trials here (a command of its own; `--no-floor` skips it):
   Ray started as the kit starts it, one process per CPU with torch imported and an optimizer
   built, Ray ended; with each sweep's epoch seconds spread over its processes, the least each
   sweep could take, and so the least the two ratios above could be.
@@ -139,7 +139,8 @@ def training_s(sweep_dir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="6 trials of 4 epochs: checks that it runs")
-    parser.add_argument("--floor", action="store_true", help="also time the floor: Ray and one torch process per CPU")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the floor (Ray and one torch process per CPU, about 12 s)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder for tune.json")
     args = parser.parse_args()
     import ray
