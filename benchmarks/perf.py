@@ -273,7 +273,7 @@ def ingest(quick: bool, work: str) -> dict:
     def read_once() -> float:
         ds = (ray.data.read_parquet(str(folder))
               .map_batches(_pack, batch_format="pandas", fn_kwargs=dict(features=features, label="label"))
-              .map_batches(_finish, batch_format="numpy", fn_kwargs=dict(mean=None, std=None, classification=True)))
+              .map_batches(_finish, batch_format="numpy", fn_kwargs=dict(pivot=None, offset=None, std=None, classification=True)))
         started, rows = time.perf_counter(), 0
         for batch in ds.iter_torch_batches(batch_size=256, dtypes={"x": torch.float32, "y": torch.int64}):
             rows += len(batch["y"])

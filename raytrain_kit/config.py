@@ -37,7 +37,7 @@ class DataConfig(_Section):
     task: Literal["classification", "regression"] = "classification"
     """Cross-entropy with accuracy, or mean squared error."""
     num_classes: Optional[int] = Field(default=None, ge=0)
-    """Classes; files: inferred from the labels when omitted. Synthetic: 0 makes a regression target (default 2)."""
+    """Classes; files: inferred from the labels when omitted (then every class 0..max must occur). Synthetic: default 2 for classification, 0 (a continuous target) for regression."""
     val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     """Fraction of rows held out for validation by a seeded split (seed: train.seed)."""
     num_rows: int = Field(default=10_000, ge=10)
@@ -378,6 +378,11 @@ class Experiment(_Section):
             problems.append(f"data.num_classes: {d.num_classes} classes with data.task: regression; use 0 or task: classification")
         if d.source == "digits" and d.task != "classification":
             problems.append("data.task: digits is a classification data set")
+        if d.features and d.label in d.features:
+            problems.append(f"data.features: names the label column {d.label!r}; a model must not read its own label")
+        if d.features and len(set(d.features)) != len(d.features):
+            twice = sorted({f for f in d.features if d.features.count(f) > 1})
+            problems.append(f"data.features: lists {', '.join(map(repr, twice))} more than once")
         if m.kind == "custom" and not m.target:
             problems.append("model.target: required for kind 'custom', as 'package.module:callable'")
         if m.target and m.kind != "custom":

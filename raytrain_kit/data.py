@@ -3,13 +3,16 @@
 Owns everything between a `DataConfig` and the `{"train", "val"}` datasets handed to
 `TorchTrainer(datasets=...)`: the four sources, a single statistics pass that finds schema
 problems (missing or non-numeric columns, NaN/inf, labels out of range) before any training
-worker starts, a seeded train/validation split, and the `DataSpec` models are built from.
+worker starts, a seeded train/validation split by row contents (the same rows for the same seed
+whatever the session or block layout), and the `DataSpec` models are built from.
 Rows leave here as two columns, `x` (float32 feature vector) and `y` (label).
 Exercised by `raytrain-kit validate jobs/tabular_mlp.yaml` and `tests/test_data.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
 import os
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
@@ -96,7 +99,8 @@ def read_table(cfg: Experiment) -> tuple[ray.data.Dataset, str]:
     if d.source == "digits":
         return ray.data.from_pandas(_digits_frame()), "digits"
     if d.source == "synthetic":
-        num_classes = 2 if d.num_classes is None else d.num_classes
+        # Unset: 2 classes for classification, a continuous target (0 classes) for regression.
+        num_classes = d.num_classes if d.num_classes is not None else (2 if d.task == "classification" else 0)
         ds = ray.data.range(d.num_rows, override_num_blocks=max(1, min(64, d.num_rows // 2048)))
         ds = ds.map_batches(_synthetic_block, batch_size=None, fn_kwargs=dict(
             seed=cfg.train.seed, num_features=d.num_features, num_classes=num_classes, noise=d.noise))
@@ -134,16 +138,33 @@ def _numeric(t) -> bool:
         return False
 
 
+def _nearest(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _listed(names: list[str], wanted: str, limit: int = 20) -> str:
+    """The columns for a 'not found' message: the likeliest first (close names, then any named
+    like a label), then the rest up to `limit`, with how many are left out."""
+    likely = difflib.get_close_matches(wanted, names, n=3, cutoff=0.3)
+    likely += [n for n in names if n not in likely and n.lower() in ("label", "target", "y", "class")]
+    shown = likely + [n for n in names if n not in likely][: max(0, limit - len(likely))]
+    more = len(names) - len(shown)
+    return ", ".join(shown) + (f", and {more} more" if more > 0 else "")
+
+
 def select_columns(cfg: Experiment, schema, where: str) -> list[str]:
     """The feature columns, after checking that they and the label exist and are numeric."""
     d = cfg.data
     names = list(schema.names)
     if d.label not in names:
-        raise DataError(f"data.label: column {d.label!r} not found in {where} (columns: {', '.join(names[:20])})")
+        raise DataError(f"data.label: column {d.label!r} not found in {where}{_nearest(d.label, names)} "
+                        f"(columns: {_listed(names, d.label)})")
     features = list(d.features) if d.features else [n for n in names if n != d.label]
     missing = [f for f in features if f not in names]
     if missing:
-        raise DataError(f"data.features: column(s) {', '.join(map(repr, missing))} not found in {where}")
+        raise DataError(f"data.features: column(s) {', '.join(map(repr, missing))} not found in {where}"
+                        f"{_nearest(missing[0], names)} (columns: {_listed(names, missing[0])})")
     if not features:
         raise DataError(f"data.features: {where} has no feature columns besides the label {d.label!r}")
     types = dict(zip(schema.names, schema.types))
@@ -165,33 +186,81 @@ def _pack(frame: pd.DataFrame, *, features: list[str], label: str) -> dict:
 
 
 def _block_stats(batch: dict) -> dict:
-    """Per-block sufficient statistics: counts, sums, sums of squares, non-finite cells, label range."""
+    """Per-block statistics: row count, and per column the finite values' count, mean and sum of
+    squared deviations from that mean (two passes over the block, so no cancellation however
+    large the column's offset), non-finite cells; the label's range."""
     x, y = batch["x"].astype(np.float64), batch["y"].astype(np.float64)
     finite_x = np.isfinite(x)
-    xz = np.where(finite_x, x, 0.0)
+    n = finite_x.sum(axis=0)
+    # The mean as pivot + offset: the pivot is one of the column's own values, so x - pivot is
+    # exact for values near it and the offset carries the digits a float64 mean of 1e12-sized
+    # values rounds away (which would leak into the merge's between-block term).
+    first = np.argmax(finite_x, axis=0)
+    pivot = np.where(n > 0, x[first, np.arange(x.shape[1])], 0.0)
+    shifted = np.where(finite_x, x - pivot, 0.0)
+    offset = shifted.sum(axis=0) / np.maximum(n, 1)
+    deviation = np.where(finite_x, shifted - offset, 0.0)
     finite_y = y[np.isfinite(y)]
     return {
         "count": np.array([len(y)]),
-        "sum": xz.sum(axis=0, keepdims=True),
-        "sumsq": (xz * xz).sum(axis=0, keepdims=True),
+        "n": n[None, :],
+        "pivot": pivot[None, :],
+        "offset": offset[None, :],
+        "m2": (deviation * deviation).sum(axis=0, keepdims=True),
         "bad_x": (~finite_x).sum(axis=0, keepdims=True),
         "bad_y": np.array([len(y) - len(finite_y)]),
         "y_min": np.array([finite_y.min() if len(finite_y) else np.inf]),
         "y_max": np.array([finite_y.max() if len(finite_y) else -np.inf]),
         "y_nonint": np.array([int((finite_y != np.round(finite_y)).sum())]),
+        "y_seen": _classes_seen(finite_y)[None, :],
     }
+
+
+TRACKED_CLASSES = 4096  # class indices below this are tracked one by one (which classes occur)
+
+
+def _classes_seen(labels: np.ndarray) -> np.ndarray:
+    """Which class indices in [0, TRACKED_CLASSES) occur: shape (TRACKED_CLASSES,), bool."""
+    seen = np.zeros(TRACKED_CLASSES, dtype=bool)
+    indices = labels[(labels == np.round(labels)) & (labels >= 0) & (labels < TRACKED_CLASSES)]
+    seen[indices.astype(np.int64)] = True
+    return seen
 
 
 @dataclass
 class _Stats:
     count: int
-    mean: np.ndarray
+    pivot: np.ndarray  # per column: the mean is pivot + offset (see merge_moments)
+    offset: np.ndarray
     std: np.ndarray
     bad_x: np.ndarray
     bad_y: int
     y_min: float
     y_max: float
     y_nonint: int
+    y_seen: np.ndarray  # (TRACKED_CLASSES,) bool: the class indices that occur
+
+
+def merge_moments(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Merge per-block (count, pivot, offset, M2) column statistics into the whole table's, in
+    block order. The mean is pivot + offset (`_block_stats`), kept apart because their float64
+    sum would round away digits (standardize as (x - pivot) - offset); M2 is the sum of squared
+    deviations from the mean, so the population variance is M2 / count.
+    Chan, Golub and LeVeque's pairwise update ("Updating formulae and a pairwise algorithm for
+    computing sample variances", 1979), stable where E[x^2] - E[x]^2 cancels: a column of
+    1e9 + 10 * N(0, 1) keeps all its variance. Shapes: each array (num_columns,)."""
+    n, pivot, offset, m2 = (np.array(a, dtype=np.float64) for a in parts[0])
+    for n_b, pivot_b, offset_b, m2_b in parts[1:]:
+        total = n + n_b
+        # Pivots of one column are close, so their difference is exact: the deltas keep every digit.
+        delta = np.where(n > 0, (pivot_b - pivot) + (offset_b - offset), 0.0)
+        share = np.divide(n_b, total, out=np.zeros_like(delta), where=total > 0)
+        pivot = np.where(n > 0, pivot, pivot_b)
+        offset = np.where(n > 0, offset + delta * share, offset_b)
+        m2 = m2 + m2_b + delta * delta * n * share
+        n = total
+    return n, pivot, offset, m2
 
 
 def collect_stats(ds: ray.data.Dataset) -> _Stats:
@@ -200,16 +269,16 @@ def collect_stats(ds: ray.data.Dataset) -> _Stats:
     count = int(sum(r["count"] for r in rows))
     if not count:
         empty = np.zeros(0)
-        return _Stats(count=0, mean=empty, std=empty, bad_x=empty, bad_y=0, y_min=np.inf, y_max=-np.inf, y_nonint=0)
-    total = sum(r["sum"] for r in rows)
-    total_sq = sum(r["sumsq"] for r in rows)
-    mean = total / max(count, 1)
-    var = np.maximum(total_sq / max(count, 1) - mean * mean, 0.0)
+        return _Stats(count=0, pivot=empty, offset=empty, std=empty, bad_x=empty, bad_y=0, y_min=np.inf, y_max=-np.inf, y_nonint=0,
+                      y_seen=np.zeros(TRACKED_CLASSES, dtype=bool))
+    # One row per block (take_all splits each block's one-row batch); each array (num_columns,).
+    n, pivot, offset, m2 = merge_moments([(r["n"], r["pivot"], r["offset"], r["m2"]) for r in rows])
     return _Stats(
-        count=count, mean=mean, std=np.sqrt(var),
+        count=count, pivot=pivot, offset=offset, std=np.sqrt(m2 / np.maximum(n, 1)),
         bad_x=sum(r["bad_x"] for r in rows), bad_y=int(sum(r["bad_y"] for r in rows)),
         y_min=float(min(r["y_min"] for r in rows)), y_max=float(max(r["y_max"] for r in rows)),
         y_nonint=int(sum(r["y_nonint"] for r in rows)),
+        y_seen=np.logical_or.reduce([r["y_seen"] for r in rows]),
     )
 
 
@@ -231,20 +300,73 @@ def check_stats(cfg: Experiment, stats: _Stats, *, features: list[str], where: s
             bad = stats.y_min if stats.y_min < 0 else stats.y_max
             problems.append(f"label column {d.label!r} in {where} has value {bad:g} outside [0, {num_classes}); "
                             "labels must be class indices (check data.num_classes)")
-        elif num_classes < 2:
-            problems.append(f"label column {d.label!r} in {where} has a single class; classification needs two or more")
+        else:
+            problems += _class_problems(stats, num_classes, declared=bool(declared), label=d.label, where=where)
     if problems:
         raise DataError(*problems)
     return num_classes
 
 
-def _finish(batch: dict, *, mean: Optional[np.ndarray], std: Optional[np.ndarray], classification: bool) -> dict:
+def _class_problems(stats: _Stats, num_classes: int, *, declared: bool, label: str, where: str) -> list[str]:
+    """A label column must hold two classes or more; an inferred class count (max + 1) must not
+    leave classes that never occur (labels 1..k, or sparse codes, are not class indices)."""
+    if num_classes > TRACKED_CLASSES:
+        return []  # too many classes to track one by one; the range check above still ran
+    seen = np.flatnonzero(stats.y_seen[:num_classes])
+    if len(seen) < 2:
+        only = f" (every label is {int(seen[0])})" if len(seen) else ""
+        return [f"label column {label!r} in {where} has a single class{only}; classification needs two or more"]
+    missing = sorted(set(range(num_classes)) - set(seen.tolist()))
+    if missing and not declared:
+        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        return [f"label column {label!r} in {where} has labels up to {num_classes - 1} but class(es) {shown} never "
+                f"occur; relabel the classes 0..k-1, or set data.num_classes to keep empty classes"]
+    return []
+
+
+def _finish(batch: dict, *, pivot: Optional[np.ndarray], offset: Optional[np.ndarray], std: Optional[np.ndarray],
+            classification: bool) -> dict:
     x = batch["x"]
-    if mean is not None:
+    if pivot is not None:
         # Constant columns (digits' blank border pixels) keep scale 1 instead of dividing by zero.
-        x = (x - mean) / np.where(std > 1e-12, std, 1.0)
+        x = ((x - pivot) - offset) / np.where(std > 1e-12, std, 1.0)
     y = batch["y"].astype(np.int64) if classification else batch["y"].astype(np.float32)
     return {"x": x.astype(np.float32), "y": y}
+
+
+@contextlib.contextmanager
+def preserved_order():
+    """Ray Data keeps block order within this block (a dataset made here keeps the setting for
+    its later executions, in workers too). Off, blocks come out in task completion order, so
+    which rows a worker or a split gets would depend on timing."""
+    context = ray.data.DataContext.get_current()
+    before = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        yield
+    finally:
+        context.execution_options.preserve_order = before
+
+
+def split_by_key(packed: ray.data.Dataset, *, val_fraction: float, seed: int
+                 ) -> tuple[ray.data.Dataset, ray.data.Dataset, int]:
+    """The seeded train/validation split: rows ordered by `row_keys` (a seeded hash of each
+    row's contents, so a seeded random permutation that no block layout, session, node or read
+    order changes), the first `n - int(n * (1 - val_fraction))` to validation. Identical rows share a key
+    and so a side: a duplicate never sits on both. Only the keys (8 bytes a row) come to the
+    driver. Returns (train, val, number of validation rows); both keep the key order, which the
+    per-epoch shuffles start from. Raises DataError when a side would be empty."""
+    keyed = packed.map_batches(_add_key, batch_format="numpy", fn_kwargs={"seed": seed}).sort("key").materialize()
+    keys = np.concatenate([b["key"] for b in keyed.select_columns(["key"]).iter_batches(batch_size=None,
+                                                                                      batch_format="numpy")])
+    wanted = len(keys) - int(len(keys) * (1 - val_fraction))  # as Ray's train_test_split counts
+    cut = int(np.searchsorted(keys, keys[min(wanted, len(keys) - 1)], side="left")) if wanted else 0
+    if cut == 0 and wanted:  # the first key's duplicates fill the whole wanted share: take them all
+        cut = int(np.searchsorted(keys, keys[0], side="right"))
+    if cut == 0 or cut == len(keys):
+        raise DataError(f"data.val_fraction: {val_fraction} leaves an empty split of {len(keys)} rows")
+    val, train = keyed.split_at_indices([cut])
+    return train, val, cut
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,22 +374,28 @@ def _finish(batch: dict, *, mean: Optional[np.ndarray], std: Optional[np.ndarray
 
 
 def build_datasets(cfg: Experiment) -> tuple[dict[str, ray.data.Dataset], DataSpec]:
-    """Train/val Ray Datasets with columns `x`, `y`, checked before any worker starts."""
+    """Train/val Ray Datasets with columns `x`, `y`, checked before any worker starts. The same
+    seed gives the same rows in each, in the same order, in any session (`split_by_key`)."""
+    with preserved_order():
+        return _build_datasets(cfg)
+
+
+def _build_datasets(cfg: Experiment) -> tuple[dict[str, ray.data.Dataset], DataSpec]:
     d = cfg.data
     raw, where = read_table(cfg)
     features = select_columns(cfg, _schema(raw, where), where)
     classification = d.task == "classification"
     packed = raw.map_batches(_pack, batch_format="pandas", fn_kwargs=dict(features=features, label=d.label))
-    # A fixed block layout before the seeded shuffle keeps the split identical run to run.
-    packed = packed.materialize() if d.in_memory else packed
+    packed = packed.materialize() if d.in_memory else packed  # read once: statistics, then the split
     stats = collect_stats(packed)
     if stats.count < 2:
         raise DataError(f"data.path: {where} has {stats.count} row(s); need at least 2 to split")
     num_classes = check_stats(cfg, stats, features=features, where=where)
-    train, val = packed.train_test_split(test_size=d.val_fraction, shuffle=True, seed=cfg.train.seed)
+    train, val, _ = split_by_key(packed, val_fraction=d.val_fraction, seed=cfg.train.seed)
     # Standardize with training statistics only, so validation stays unseen.
     scale = collect_stats(train) if d.standardize else None
-    finish = dict(mean=scale.mean if scale else None, std=scale.std if scale else None,
+    finish = dict(pivot=scale.pivot if scale else None, offset=scale.offset if scale else None,
+                  std=scale.std if scale else None,
                   classification=classification)
     train = train.map_batches(_finish, batch_format="numpy", fn_kwargs=finish)
     val = val.map_batches(_finish, batch_format="numpy", fn_kwargs=finish)
@@ -300,10 +428,7 @@ def split_for_workers(datasets: dict[str, ray.data.Dataset], *, num_workers: int
     equal split); validation keeps every row. The blocks stay wherever they are: nothing passes
     through the driver, and a worker on another node fetches its own.
     """
-    context = ray.data.DataContext.get_current()
-    ordered = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True  # the same rows reach the same worker every run
-    try:
+    with preserved_order():  # the same rows reach the same worker every run
         pieces = {}
         for name, ds in datasets.items():
             if num_workers == 1:
@@ -315,8 +440,6 @@ def split_for_workers(datasets: dict[str, ray.data.Dataset], *, num_workers: int
                 parts = ds.split_at_indices([num_rows * i // num_workers for i in range(1, num_workers)])
             pieces[name] = [_block_ranges(part) for part in parts]
         return pieces
-    finally:
-        context.execution_options.preserve_order = ordered
 
 
 def _block_ranges(ds: ray.data.Dataset) -> list[BlockRange]:
@@ -353,7 +476,10 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 def row_keys(x: np.ndarray, y: np.ndarray, *, seed: int) -> np.ndarray:
     """A seeded 64-bit hash of each row's contents: the same row gets the same key on every run,
     on any node, in any block, which is what makes folds reproducible without a global row index."""
-    words = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    # Every bit of the value: float64 rows (the raw table, before the split) hash both halves, so
+    # values that only float64 tells apart (timestamps, ids) are not taken for duplicates.
+    exact = np.ascontiguousarray(x if x.dtype == np.float64 else x.astype(np.float32))
+    words = exact.reshape(len(exact), -1).view(np.uint32).astype(np.uint64)
     coef = np.random.default_rng(seed).integers(1, 2**63, size=words.shape[1] + 1, dtype=np.uint64) | np.uint64(1)
     with np.errstate(over="ignore"):  # arithmetic mod 2**64 is the point
         h = (words * coef[:-1]).sum(axis=1, dtype=np.uint64)
@@ -397,10 +523,7 @@ def build_folds(cfg: Experiment, train: ray.data.Dataset, spec: DataSpec, *,
     """k seeded folds of the training split: fold i validates on its rows and trains on the rest,
     stratified for classification. Only each row's key and label (16 bytes) come to the driver;
     the rows themselves stay in Ray's object store. Same seed, same folds."""
-    context = ray.data.DataContext.get_current()
-    ordered = context.execution_options.preserve_order
-    context.execution_options.preserve_order = True  # same block order, same split across workers
-    try:
+    with preserved_order():  # same block order, same split across workers
         keyed = train.map_batches(_add_key, batch_format="numpy", fn_kwargs={"seed": cfg.train.seed}).materialize()
         pairs = [b for b in keyed.select_columns(["key", "y"]).iter_batches(batch_size=None, batch_format="numpy")]
         keys = np.concatenate([b["key"] for b in pairs])
@@ -423,8 +546,6 @@ def build_folds(cfg: Experiment, train: ray.data.Dataset, spec: DataSpec, *,
                 part = {name: ds.materialize() for name, ds in part.items()}
             folds.append((part, replace(spec, num_train_rows=len(keys) - num_val, num_val_rows=num_val)))
         return folds
-    finally:
-        context.execution_options.preserve_order = ordered
 
 
 def spec_to_dict(spec: DataSpec) -> dict:

@@ -74,6 +74,9 @@ def test_derived_metric_and_mode():
     ({"scaling": {"shard_group_size": 2}}, "scaling.shard_group_size: only used with strategy hsdp (strategy is 'ddp')"),
     ({"scaling": {"fsdp_blocks": ["Linear"]}}, "scaling.fsdp_blocks: only used with strategy fsdp or hsdp"),
     ({"train": {"precision": "fp16"}}, "train.precision: fp16 needs GPUs (scaling.use_gpu: true); on CPU use bf16 or fp32"),
+    ({"data": {"source": "csv", "path": "t.csv", "features": ["a", "label"]}},
+     "data.features: names the label column 'label'; a model must not read its own label"),
+    ({"data": {"source": "csv", "path": "t.csv", "features": ["a", "b", "a"]}}, "data.features: lists 'a' more than once"),
     ({"scaling": {"strategy": "fsdp"}, "train": {"on_nonfinite": "rollback"}}, "train.on_nonfinite: rollback keeps a copy"),
 ])
 def test_cross_field_errors(raw, expected):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import re
+from fractions import Fraction
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -95,3 +99,109 @@ def test_digits_read_from_scikit_learns_file_equal_load_digits():
     bunch = load_digits()
     assert pixels.shape == (1797, 64) and np.array_equal(pixels, bunch.data)
     assert labels.dtype == np.int64 and np.array_equal(labels, bunch.target)
+
+
+def _table(tmp_path, rng):
+    """A small classification table with two exact duplicate rows (they must share a side)."""
+    frame = pd.DataFrame({"a": rng.normal(size=300), "b": rng.normal(3, 2, size=300), "label": rng.integers(0, 3, 300)})
+    frame = pd.concat([frame, frame.iloc[:2]], ignore_index=True)
+    frame.to_csv(tmp_path / "table.csv", index=False)
+    (tmp_path / "parts").mkdir()
+    shuffled = frame.sample(frac=1.0, random_state=1)  # another row order, in three files
+    for i in range(3):
+        shuffled.iloc[i::3].to_parquet(tmp_path / "parts" / f"part{i}.parquet", index=False)
+    return frame
+
+
+def test_same_seed_same_split_in_one_session_whatever_the_block_layout(ray_session, tmp_path):
+    """The split is a seeded hash of each row's contents: builds in one session, streamed or in
+    memory, from one CSV or three Parquet files in another row order, give the same rows."""
+    _table(tmp_path, np.random.default_rng(0))
+    base = {"source": "csv", "path": str(tmp_path / "table.csv"), "label": "label", "val_fraction": 0.2}
+    builds = [build_datasets(build_experiment({"data": base}))[0] for _ in range(3)]
+    for name in ("train", "val"):
+        first = _arrays(builds[0][name])
+        for other in builds[1:]:  # the same rows in the same order: standardized alike, shuffled alike
+            assert all(np.array_equal(a, b) for a, b in zip(first, _arrays(other[name])))
+
+    def rows(data: dict) -> dict[str, list[bytes]]:
+        datasets, spec = build_datasets(build_experiment({"data": {**data, "standardize": False}}))
+        assert (spec.num_train_rows, spec.num_val_rows) == (241, 61)  # 302 rows: 302 - int(302 * 0.8) to val
+        return {name: sorted(np.append(x, np.float32(y)).tobytes() for x, y in zip(*_arrays(ds)))
+                for name, ds in datasets.items()}
+
+    in_memory = rows(base)
+    assert rows({**base, "in_memory": False}) == in_memory
+    assert rows({**base, "source": "parquet", "path": str(tmp_path / "parts")}) == in_memory
+    assert not set(in_memory["train"]) & set(in_memory["val"])  # the duplicated rows share a side
+    other_seed = build_datasets(build_experiment({"data": base, "train": {"seed": 1}}))[0]
+    assert not np.array_equal(_arrays(other_seed["val"])[0], _arrays(builds[0]["val"])[0])
+
+
+def test_standardizing_keeps_the_variance_of_a_column_with_a_large_offset(ray_session, tmp_path):
+    rng = np.random.default_rng(0)
+    pd.DataFrame({"ts": 1e9 + 10 * rng.normal(size=200), "ms": 1.7e12 + rng.normal(size=200),
+                  "a": rng.normal(size=200), "label": rng.integers(0, 2, 200)}).to_csv(tmp_path / "t.csv", index=False)
+    datasets, _ = build_datasets(build_experiment({"data": {"source": "csv", "path": str(tmp_path / "t.csv"),
+                                                            "label": "label"}}))
+    x, _ = _arrays(datasets["train"])
+    assert np.allclose(x.astype(np.float64).std(axis=0), 1.0, atol=1e-6)  # E[x^2] - mean^2 gave 0.668 for ts
+    assert np.allclose(x.astype(np.float64).mean(axis=0), 0.0, atol=1e-6)
+
+
+def test_merged_block_moments_equal_numpy_over_the_whole_column():
+    from raytrain_kit.data import merge_moments
+
+    rng = np.random.default_rng(1)
+    column = np.concatenate([1e9 + 10 * rng.normal(size=n) for n in (1, 7, 50, 3)])[:, None]
+    blocks = np.split(column, [1, 8, 58])
+    parts = [(np.array([len(b)], dtype=float), b[0], (b - b[0]).mean(axis=0), ((b - b.mean(axis=0)) ** 2).sum(axis=0))
+             for b in blocks]
+    parts.insert(2, (np.zeros(1), np.zeros(1), np.zeros(1), np.zeros(1)))  # an empty block changes nothing
+    n, pivot, offset, m2 = merge_moments(parts)
+    mean = pivot + offset
+    exact = [Fraction(float(v)) for v in column[:, 0]]
+    exact_mean = sum(exact) / len(exact)
+    exact_std = math.sqrt(sum((v - exact_mean) ** 2 for v in exact) / len(exact))
+    assert n[0] == 61 and mean[0] == pytest.approx(float(exact_mean), rel=1e-15)
+    assert np.sqrt(m2[0] / n[0]) == pytest.approx(exact_std, rel=1e-9)
+
+
+@pytest.mark.parametrize("labels,expected", [
+    ([1] * 40, "has a single class (every label is 1); classification needs two or more"),
+    ([0] * 40, "has a single class (every label is 0)"),
+    ([1, 2] * 20, "has labels up to 2 but class(es) 0 never occur; relabel the classes 0..k-1"),
+    ([0, 3] * 20, "has labels up to 3 but class(es) 1, 2 never occur"),
+])
+def test_label_columns_that_are_not_class_indices_are_refused(ray_session, tmp_path, labels, expected):
+    rng = np.random.default_rng(0)
+    pd.DataFrame({"a": rng.normal(size=len(labels)), "y": labels}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataError, match=re.escape(f"label column 'y' in {tmp_path / 't.csv'} {expected}")):
+        build_datasets(build_experiment({"data": {"source": "csv", "path": str(tmp_path / "t.csv"), "label": "y"}}))
+    # Declared, an absent class is the user's choice; one class is still refused.
+    declared = {"source": "csv", "path": str(tmp_path / "t.csv"), "label": "y", "num_classes": 4}
+    if len(set(labels)) > 1:
+        assert build_datasets(build_experiment({"data": declared}))[1].num_classes == 4
+    else:
+        with pytest.raises(DataError, match="single class"):
+            build_datasets(build_experiment({"data": declared}))
+
+
+def test_synthetic_regression_without_num_classes_has_a_continuous_target(ray_session):
+    datasets, spec = build_datasets(build_experiment({"data": {"source": "synthetic", "task": "regression",
+                                                               "num_rows": 400}}))
+    _, y = _arrays(datasets["train"])
+    assert spec.num_classes == 0 and y.dtype == np.float32
+    assert len(np.unique(y)) == len(y)  # a continuous target, not class indices {0.0, 1.0}
+
+
+def test_a_missing_label_suggests_the_nearest_column_and_never_hides_the_label(ray_session, tmp_path):
+    columns = {f"f{i}": np.arange(5.0) for i in range(20)}
+    pd.DataFrame({**columns, "label": [0, 1, 0, 1, 0]}).to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataError) as e:
+        build_datasets(build_experiment({"data": {"source": "csv", "path": str(tmp_path / "t.csv"), "label": "malignant"}}))
+    message = str(e.value)
+    assert message.startswith(f"data.label: column 'malignant' not found in {tmp_path / 't.csv'} (columns: label, f0,")
+    assert message.endswith("f18, and 1 more)")  # 21 columns: the label first, then 19 of the 20 features
+    with pytest.raises(DataError, match=r"data.label: column 'lable' not found in .*; did you mean 'label'\?"):
+        build_datasets(build_experiment({"data": {"source": "csv", "path": str(tmp_path / "t.csv"), "label": "lable"}}))

@@ -126,3 +126,26 @@ def test_embedded_ray_keeps_the_idle_processes_a_run_needs_again(ray_session, st
     assert ended, "no process ended during the run"  # at least its Train actors did: the query sees them
     assert not [w.exit_detail for w in ended if "idle" in (w.exit_detail or "")]
     assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")], limit=10_000)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_three_fits_of_one_config_in_one_session_write_the_same_metrics(ray_session, storage, tmp_path, in_memory):
+    """A notebook's repeated fit: the same seed gives the same split, order and so the same
+    numbers every time in one Ray session (the split once followed task completion order)."""
+    import pandas as pd
+
+    from raytrain_kit.loop import MEASURED
+
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(rng.normal(size=(240, 4)), columns=list("abcd")).assign(label=rng.integers(0, 3, 240))
+    table.to_csv(tmp_path / "table.csv", index=False)
+    frames = []
+    for i in range(3):
+        cfg = build_experiment({
+            "data": {"source": "csv", "path": str(tmp_path / "table.csv"), "label": "label", "in_memory": in_memory},
+            "model": {"kind": "mlp", "hidden": [16], "dropout": 0.1}, "train": {"epochs": 2, "batch_size": 16},
+            "scaling": {"num_workers": 1}, "run": {"name": f"again{i}", "storage_path": storage}})
+        frames.append(pd.read_csv(Path(fit(cfg)["run_dir"]) / "metrics.csv").drop(columns=list(MEASURED), errors="ignore"))
+    assert len(frames[0]) == 2 and {"train_loss", "val_loss", "val_accuracy"} <= set(frames[0].columns)
+    for other in frames[1:]:
+        pd.testing.assert_frame_equal(other, frames[0], check_exact=True)
