@@ -133,9 +133,8 @@ def _tune(args) -> int:
         raise ConfigError(f"{args.config}: no tune section; add tune.space (see the README's sweep section), "
                           "or use `raytrain-kit train` for a single run")
     progress = Progress(total_epochs=cfg.train.epochs, verbosity=_verbosity(args))
-    # Trials that train in their own processes start no Ray Train run (sweep.plan_resources).
-    in_process = cfg.scaling.num_workers == 1 and cfg.scaling.strategy == "ddp"
-    started_ray = connect(args.address, verbose=progress.verbosity >= VERBOSE, state_api=not in_process)
+    # Trials that train in their own processes start no Ray Train run (launch.runs_in_process).
+    started_ray = connect(args.address, verbose=progress.verbosity >= VERBOSE, state_api=not cfg.scaling.single_process)
     summary = run_sweep(cfg, resume=args.resume, log=progress.line)
     table = summary["table"]
     shown = [c for c in ("trial_id", *cfg.tune.space, "best_value", "best_epoch", "epochs_run", "status") if c in table]

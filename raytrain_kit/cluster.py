@@ -58,37 +58,7 @@ def connect(address: Optional[str] = None, *, verbose: bool = False, state_api: 
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, **quiet)
     else:
-        # "local" never attaches to a stale cluster recorded in the temp dir by `ray start`. The
-        # dashboard serves the State API, without which Ray Train's PlacementGroupCleaner cannot
-        # see its controller (and stopped Tune trials leak their CPUs); port 0 = any free port.
-        # Ray Train's PlacementGroupCleaner finds the State API through RAY_API_SERVER_ADDRESS
-        # (inherited by this Ray's processes); left unset it may find another Ray on the machine.
-        num_cpus = os.cpu_count() or 1
-        # Ray ends an idle worker process (one that ran Ray Data's tasks or the preflight, torch
-        # imported) a second after its worker processes outnumber its CPUs, and a run's Train
-        # actors (controller, cleaner, synchronization, workers) outnumber 2 CPUs: every later
-        # run on this Ray (a sweep's trials, a session of fits) started them anew, about 2 s a
-        # run on 2 cores. A few more idle processes cost only memory.
-        pool = {"num_workers_soft_limit": num_cpus + IDLE_WORKERS_KEPT}
-        # Ray Train watches for preempted nodes (cloud spot instances being drained) with one more
-        # actor process per run; an embedded Ray is this machine alone and is never preempted,
-        # and that process's start costs a 2-worker run about 1 s on 2 cores. Propagated by Train.
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        for attempt in range(2):
-            dashboard: dict = dict(include_dashboard=False)
-            if state_api:
-                port = _free_port()
-                os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-                dashboard = dict(include_dashboard=True, dashboard_port=port)
-            try:
-                ray.init(address="local", num_cpus=num_cpus, _system_config=pool, **dashboard, **quiet)
-                break
-            except Exception as e:
-                # On a loaded machine the raylet can give up waiting for its agents ("timed out
-                # during startup"); a second start usually succeeds.
-                if attempt or "timed out during startup" not in str(e):
-                    raise
-                ray.shutdown()
+        _start_embedded_ray(quiet, state_api=state_api)
         _started_embedded_ray = True
     if not verbose:
         _hide_raylet_messages()
@@ -100,6 +70,41 @@ def connect(address: Optional[str] = None, *, verbose: bool = False, state_api: 
     preload.join()
     _ray_ready_at = time.time()
     return not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def _start_embedded_ray(quiet: dict, *, state_api: bool) -> None:
+    """Start a Ray of this machine's CPUs in this process (`connect`'s third choice)."""
+    # "local" never attaches to a stale cluster recorded in the temp dir by `ray start`. The
+    # dashboard serves the State API, without which Ray Train's PlacementGroupCleaner cannot
+    # see its controller (and stopped Tune trials leak their CPUs); port 0 = any free port.
+    # Ray Train's PlacementGroupCleaner finds the State API through RAY_API_SERVER_ADDRESS
+    # (inherited by this Ray's processes); left unset it may find another Ray on the machine.
+    num_cpus = os.cpu_count() or 1
+    # Ray ends an idle worker process (one that ran Ray Data's tasks or the preflight, torch
+    # imported) a second after its worker processes outnumber its CPUs, and a run's Train
+    # actors (controller, cleaner, synchronization, workers) outnumber 2 CPUs: every later
+    # run on this Ray (a sweep's trials, a session of fits) started them anew, about 2 s a
+    # run on 2 cores. A few more idle processes cost only memory.
+    pool = {"num_workers_soft_limit": num_cpus + IDLE_WORKERS_KEPT}
+    # Ray Train watches for preempted nodes (cloud spot instances being drained) with one more
+    # actor process per run; an embedded Ray is this machine alone and is never preempted,
+    # and that process's start costs a 2-worker run about 1 s on 2 cores. Propagated by Train.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    for attempt in range(2):
+        dashboard: dict = dict(include_dashboard=False)
+        if state_api:
+            port = _free_port()
+            os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            dashboard = dict(include_dashboard=True, dashboard_port=port)
+        try:
+            ray.init(address="local", num_cpus=num_cpus, _system_config=pool, **dashboard, **quiet)
+            break
+        except Exception as e:
+            # On a loaded machine the raylet can give up waiting for its agents ("timed out
+            # during startup"); a second start usually succeeds.
+            if attempt or "timed out during startup" not in str(e):
+                raise
+            ray.shutdown()
 
 
 def _hide_raylet_messages() -> None:

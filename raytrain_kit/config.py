@@ -201,6 +201,12 @@ class ScalingConfig(_Section):
     max_failures: int = Field(default=2, ge=-1)
     """Worker-group restarts after a worker or node dies (-1: no limit); each restart resumes from the latest checkpoint."""
 
+    @property
+    def single_process(self) -> bool:
+        """One ddp worker: no process group needed, so a sweep trial trains in its own process
+        instead of a Ray Train run (launch.runs_in_process)."""
+        return self.num_workers == 1 and self.strategy == "ddp"
+
 
 class CheckpointConfig(_Section):
     every_epochs: int = Field(default=1, ge=1)

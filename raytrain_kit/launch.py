@@ -554,7 +554,7 @@ class StepwiseRun:
 def runs_in_process(cfg: Experiment) -> bool:
     """Whether a sweep trial's run trains in the trial's own process (one ddp worker), not through
     Ray Train. Sharded runs need a process group; several workers need Ray Train's."""
-    return cfg.scaling.num_workers == 1 and not is_sharded(cfg)
+    return cfg.scaling.single_process
 
 
 def _checkpoint_names_on_disk(directory: str) -> list[str]:
