@@ -459,6 +459,20 @@ def _unknown_path(dotted: str) -> Optional[str]:
     return f"{dotted} is a section; name one of its keys"
 
 
+def _is_integer_field(dotted: str) -> bool:
+    """Whether a (known) dotted key holds an int, e.g. train.batch_size, model.hidden_size."""
+    model: Any = Experiment
+    for part in dotted.split("."):
+        fields = SECTIONS if model is Experiment else getattr(model, "model_fields", {})
+        if part not in fields:
+            return False
+        model = SECTIONS[part] if model is Experiment else fields[part].annotation
+    if get_origin(model) is not Union and model is not int:  # list[int] is a list, not an integer
+        return False
+    args = [a for a in get_args(model) if a is not type(None)] or [model]  # Optional[int] -> int
+    return all(a is int for a in args)
+
+
 def _scaling_problems(cfg: "Experiment") -> list[str]:
     s, t = cfg.scaling, cfg.train
     problems = []
@@ -497,6 +511,10 @@ def _tune_problems(cfg: "Experiment") -> list[str]:
         section = key.split(".")[0]
         if section in UNSEARCHABLE:
             problems.append(f"tune.space.{key}: {section}.* cannot be searched: {UNSEARCHABLE[section]}")
+            continue
+        if domain.kind in ("loguniform", "uniform", "quniform") and _is_integer_field(key):
+            problems.append(f"tune.space.{key}: an integer; {domain.kind} samples fractions (every trial would "
+                            "fail at set-up); use randint: [lower, upper), choice: [...] or grid: [...]")
             continue
         for value in domain.candidates():
             try:
