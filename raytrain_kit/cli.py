@@ -38,7 +38,7 @@ def _verbosity(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raytrain-kit", description="Validated, data-parallel PyTorch training on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("validate", help="check a config and print it fully resolved, as YAML")
+    p = sub.add_parser("validate", help="check a config (and a local data file's header) and print it fully resolved, as YAML")
     _add_config_args(p)
     p = sub.add_parser("train", help="train an experiment on an embedded Ray or a cluster")
     _add_config_args(p)
@@ -85,6 +85,16 @@ def _report(directory: str, progress) -> None:
     progress.line(f"report:        {written[-1]}")
 
 
+def _load(args):
+    """The command's experiment, with a local data file checked before any Ray starts."""
+    from raytrain_kit.config import load_experiment
+    from raytrain_kit.data import check_local_file
+
+    cfg = load_experiment(args.config, args.overrides)
+    check_local_file(cfg)
+    return cfg
+
+
 def _finish(directory: str, progress, *, started_ray: bool) -> None:
     """The report, then the end of an embedded Ray this command started."""
     from raytrain_kit.cluster import disconnect
@@ -96,10 +106,9 @@ def _finish(directory: str, progress, *, started_ray: bool) -> None:
 
 def _train(args) -> int:
     from raytrain_kit.cluster import connect
-    from raytrain_kit.config import load_experiment
     from raytrain_kit.progress import VERBOSE, Progress, format_startup
 
-    cfg = load_experiment(args.config, args.overrides)
+    cfg = _load(args)
     progress = Progress(total_epochs=cfg.train.epochs, verbosity=_verbosity(args))
     started_ray = connect(args.address, verbose=progress.verbosity >= VERBOSE)  # before the kit's heavy imports
     from raytrain_kit.launch import fit, run_dir
@@ -122,13 +131,12 @@ def _train(args) -> int:
 
 
 def _tune(args) -> int:
-    from raytrain_kit.config import load_experiment
     from raytrain_kit.errors import ConfigError
     from raytrain_kit.cluster import connect
     from raytrain_kit.progress import VERBOSE, Progress
     from raytrain_kit.sweep import run_sweep
 
-    cfg = load_experiment(args.config, args.overrides)
+    cfg = _load(args)
     if cfg.tune is None:
         raise ConfigError(f"{args.config}: no tune section; add tune.space (see the README's sweep section), "
                           "or use `raytrain-kit train` for a single run")
@@ -149,13 +157,12 @@ def _tune(args) -> int:
 def _check(args) -> int:
     import json
 
-    from raytrain_kit.config import load_experiment
     from raytrain_kit.data import build_datasets
     from raytrain_kit.errors import PreflightError
     from raytrain_kit.cluster import connect
     from raytrain_kit.preflight import run_preflight
 
-    cfg = load_experiment(args.config, args.overrides)
+    cfg = _load(args)
     connect(args.address)
     datasets, spec = build_datasets(cfg)
     try:
@@ -173,9 +180,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "validate":
-            from raytrain_kit.config import load_experiment, to_yaml
+            from raytrain_kit.config import to_yaml
 
-            print(to_yaml(load_experiment(args.config, args.overrides)), end="")
+            print(to_yaml(_load(args)), end="")
             return 0
         if args.command == "reference":
             from raytrain_kit.config import config_reference_markdown

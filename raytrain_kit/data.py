@@ -118,6 +118,45 @@ def read_table(cfg: Experiment) -> tuple[ray.data.Dataset, str]:
         raise DataError(f"data.path: {path}: cannot read as {d.source} ({type(e).__name__}: {short_message(e)})") from None
 
 
+def check_local_file(cfg: Experiment) -> None:
+    """What can be known about a local csv/parquet source without Ray, so a bad file is reported
+    before Ray starts: the path exists, its header or metadata reads, no column name repeats, the
+    label and features are there and numeric (CSV types from the first block, as pyarrow infers
+    them; Parquet from the metadata). URIs are checked when Ray reads them. Raises DataError."""
+    d = cfg.data
+    if d.source not in ("csv", "parquet") or not d.path or not _is_local(d.path):
+        return
+    path = os.path.abspath(d.path.removeprefix("file://"))
+    if not os.path.exists(path):
+        raise DataError(f"data.path: {path}: no such file or folder")
+    try:
+        schema = _local_schema(path, d.source)
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow raises several types for unreadable input
+        raise DataError(f"data.path: {path}: cannot read as {d.source} ({type(e).__name__}: {short_message(e)})") from None
+    twice = sorted({n for n in schema.names if schema.names.count(n) > 1})
+    if twice:
+        raise DataError(f"data.path: {path} has the column name(s) {', '.join(map(repr, twice))} more than once; "
+                        "rename them so each column has its own name")
+    select_columns(cfg, schema, path)
+
+
+def _local_schema(path: str, source: str) -> pa.Schema:
+    if source == "parquet":
+        import pyarrow.dataset as pads
+
+        return pads.dataset(path, format="parquet").schema
+    import pyarrow.csv as pacsv
+
+    files = [path] if os.path.isfile(path) else sorted(
+        e.path for e in os.scandir(path) if e.is_file() and not e.name.startswith((".", "_")))
+    if not files:
+        raise DataError(f"data.path: {path}: the folder holds no files")
+    with pacsv.open_csv(files[0]) as reader:  # reads the header and the first block only
+        return reader.schema
+
+
 def _schema(ds: ray.data.Dataset, where: str):
     try:
         schema = ds.schema()
@@ -382,6 +421,7 @@ def build_datasets(cfg: Experiment) -> tuple[dict[str, ray.data.Dataset], DataSp
 
 def _build_datasets(cfg: Experiment) -> tuple[dict[str, ray.data.Dataset], DataSpec]:
     d = cfg.data
+    check_local_file(cfg)
     raw, where = read_table(cfg)
     features = select_columns(cfg, _schema(raw, where), where)
     classification = d.task == "classification"

@@ -177,3 +177,26 @@ def test_fsdp_job_in_bf16_then_export(tmp_path):
     model.load_state_dict(torch.load(out, weights_only=True))  # strict
     done = _run_cli("export", str(tmp_path / "fsdp_mlp"), str(out), "--epoch", "7")
     assert done.returncode == 2 and done.stderr.startswith("error: --epoch: no checkpoint of epoch 7")
+
+
+def test_bad_local_files_are_one_line_before_ray_starts(tmp_path):
+    """Duplicate column names, a missing file and a missing column: exit 2, one `error:` line
+    naming the column and the file, no Ray log lines or colour codes, and no Ray started (-v would
+    show its start)."""
+    (tmp_path / "dup.csv").write_text("a,a,b,label\n1,2,3,0\n4,5,6,1\n")
+    (tmp_path / "ok.csv").write_text("a,b,label\n1,2,0\n4,5,1\n")
+    cases = [("dup.csv", "label", f"error: data.path: {tmp_path / 'dup.csv'} has the column name(s) 'a' more than once; "
+                                  "rename them so each column has its own name"),
+             ("missing.csv", "label", f"error: data.path: {tmp_path / 'missing.csv'}: no such file or folder"),
+             ("ok.csv", "target", f"error: data.label: column 'target' not found in {tmp_path / 'ok.csv'} "
+                                  "(columns: label, a, b)")]
+    for name, label, expected in cases:
+        config = tmp_path / "bad.yaml"
+        config.write_text(yaml.safe_dump({"data": {"source": "csv", "path": str(tmp_path / name), "label": label},
+                                          "run": {"storage_path": str(tmp_path / "runs")}}))
+        for command in ("validate", "train"):
+            done = _run_cli(command, str(config), *(["-v"] if command == "train" else []), timeout=120)
+            assert done.returncode == 2, (name, command, done.stderr)
+            assert done.stderr.strip().splitlines() == [expected], (name, command)
+            assert "\x1b[" not in done.stderr and "Started a local Ray instance" not in done.stdout + done.stderr
+    assert not (tmp_path / "runs").exists()
