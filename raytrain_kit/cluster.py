@@ -18,10 +18,14 @@ from typing import Optional
 
 import ray
 
+from raytrain_kit.errors import RunError, short_message
+
 # Set when this process started the Ray it uses: such a cluster cannot grow, so a request that
 # does not fit will never be scheduled. A real cluster may autoscale to fit it.
 _started_embedded_ray = False
 _ray_ready_at: Optional[float] = None
+# Ray start failures a second try usually gets past (a loaded machine; messages of Ray 2.60).
+TRANSIENT_START_FAILURES = ("timed out during startup", "Failed to start the dashboard")
 IDLE_WORKERS_KEPT = 6  # worker processes an embedded Ray keeps beyond one per CPU (see `connect`)
 
 
@@ -98,13 +102,16 @@ def _start_embedded_ray(quiet: dict, *, state_api: bool) -> None:
             dashboard = dict(include_dashboard=True, dashboard_port=port)
         try:
             ray.init(address="local", num_cpus=num_cpus, _system_config=pool, **dashboard, **quiet)
-            break
+            return
         except Exception as e:
-            # On a loaded machine the raylet can give up waiting for its agents ("timed out
-            # during startup"); a second start usually succeeds.
-            if attempt or "timed out during startup" not in str(e):
-                raise
             ray.shutdown()
+            # On a loaded machine the raylet can give up waiting for its agents, or the dashboard
+            # fail to come up in time; a second start usually succeeds.
+            if not attempt and any(m in str(e) for m in TRANSIENT_START_FAILURES):
+                continue
+            raise RunError(f"Ray did not start on this machine ({type(e).__name__}: {short_message(e)}); "
+                           "on a loaded machine run the command again, or start Ray once with "
+                           "`ray start --head` and pass --address auto") from None
 
 
 def _hide_raylet_messages() -> None:

@@ -200,3 +200,17 @@ def test_bad_local_files_are_one_line_before_ray_starts(tmp_path):
             assert done.stderr.strip().splitlines() == [expected], (name, command)
             assert "\x1b[" not in done.stderr and "Started a local Ray instance" not in done.stdout + done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_ray_that_cannot_start_is_one_line_and_exit_1(tmp_path):
+    """A real start failure (Ray's temp dir is a file, so its session folder cannot be made):
+    one `error:` line with the cause and the remedy, exit 1, no traceback."""
+    (tmp_path / "not_a_dir").write_text("")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(tmp_path / "not_a_dir")}
+    done = subprocess.run([sys.executable, "-m", "raytrain_kit", "train", "jobs/digits.yaml",
+                           "--set", f"run.storage_path={tmp_path / 'runs'}"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Ray did not start on this machine (NotADirectoryError"), lines
+    assert lines[0].endswith("start Ray once with `ray start --head` and pass --address auto")
