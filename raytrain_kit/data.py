@@ -36,6 +36,7 @@ class DataSpec:
     num_train_rows: int
     num_val_rows: int
     feature_names: tuple[str, ...] = field(default=())
+    constant_features: tuple[str, ...] = field(default=())  # no spread in the training split: left unscaled
 
     @property
     def task(self) -> str:
@@ -346,6 +347,19 @@ def check_stats(cfg: Experiment, stats: _Stats, *, features: list[str], where: s
     return num_classes
 
 
+CONSTANT_STD = 1e-12  # a training column with no more spread than this is constant: centred, never scaled
+
+
+def describe_constant_features(spec: DataSpec, limit: int = 8) -> Optional[str]:
+    """The line a run prints when standardization left constant columns unscaled, else None."""
+    names = spec.constant_features
+    if not names:
+        return None
+    shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return (f"data: {len(names)} column(s) constant in the training split, centred but not scaled: {shown} "
+            "(they carry no information; drop them from data.features)")
+
+
 def _class_problems(stats: _Stats, num_classes: int, *, declared: bool, label: str, where: str) -> list[str]:
     """A label column must hold two classes or more; an inferred class count (max + 1) must not
     leave classes that never occur (labels 1..k, or sparse codes, are not class indices)."""
@@ -368,7 +382,7 @@ def _finish(batch: dict, *, pivot: Optional[np.ndarray], offset: Optional[np.nda
     x = batch["x"]
     if pivot is not None:
         # Constant columns (digits' blank border pixels) keep scale 1 instead of dividing by zero.
-        x = ((x - pivot) - offset) / np.where(std > 1e-12, std, 1.0)
+        x = ((x - pivot) - offset) / np.where(std > CONSTANT_STD, std, 1.0)
     y = batch["y"].astype(np.int64) if classification else batch["y"].astype(np.float32)
     return {"x": x.astype(np.float32), "y": y}
 
@@ -448,8 +462,10 @@ def _build_datasets(cfg: Experiment) -> tuple[dict[str, ray.data.Dataset], DataS
     if int(np.prod(input_shape)) != len(features):
         raise DataError(f"data.input_shape: {list(input_shape)} holds {int(np.prod(input_shape))} values, "
                         f"but {where} has {len(features)} feature columns")
+    constant = tuple(f for f, std in zip(features, scale.std) if std <= CONSTANT_STD) if scale else ()
     spec = DataSpec(num_features=len(features), num_classes=num_classes, input_shape=input_shape,
-                    num_train_rows=num_train, num_val_rows=num_val, feature_names=tuple(features))
+                    num_train_rows=num_train, num_val_rows=num_val, feature_names=tuple(features),
+                    constant_features=constant)
     return {"train": train, "val": val}, spec
 
 
@@ -590,8 +606,10 @@ def build_folds(cfg: Experiment, train: ray.data.Dataset, spec: DataSpec, *,
 
 def spec_to_dict(spec: DataSpec) -> dict:
     """The spec as plain data, for a Ray task's or Train worker's config."""
-    return {**asdict(spec), "input_shape": list(spec.input_shape), "feature_names": list(spec.feature_names)}
+    return {**asdict(spec), "input_shape": list(spec.input_shape), "feature_names": list(spec.feature_names),
+            "constant_features": list(spec.constant_features)}
 
 
 def spec_from_dict(raw: dict) -> DataSpec:
-    return DataSpec(**{**raw, "input_shape": tuple(raw["input_shape"]), "feature_names": tuple(raw["feature_names"])})
+    return DataSpec(**{**raw, "input_shape": tuple(raw["input_shape"]), "feature_names": tuple(raw["feature_names"]),
+                       "constant_features": tuple(raw.get("constant_features", ()))})

@@ -31,7 +31,7 @@ from raytrain_kit import checkpoint as ckpt
 from raytrain_kit import cluster
 from raytrain_kit.cluster import started_embedded_ray
 from raytrain_kit.config import Experiment, to_yaml
-from raytrain_kit.data import DataSpec, build_datasets, spec_to_dict, split_for_workers
+from raytrain_kit.data import DataSpec, build_datasets, describe_constant_features, spec_to_dict, split_for_workers
 from raytrain_kit.errors import ConfigError, KitError, RunError, short_message, traceback_text
 from raytrain_kit.models import build_model
 from raytrain_kit.parallel import check_blocks, is_sharded
@@ -393,6 +393,8 @@ def open_run(cfg: Experiment, *, resume: bool, datasets_and_spec: Optional[tuple
         check_shared_storage(cfg)
         check_tracking(cfg)
     datasets, spec = datasets_and_spec or build_datasets(cfg)
+    if datasets_and_spec is None and describe_constant_features(spec):  # a sweep's driver said it once
+        log(describe_constant_features(spec))
     check_streaming_resources(cfg, datasets)
     startup["datasets_built"] = time.time()
     try:

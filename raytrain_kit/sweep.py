@@ -28,7 +28,7 @@ from ray import tune
 
 from raytrain_kit import launch
 from raytrain_kit.config import Experiment, SearchDomain, to_yaml, with_overrides
-from raytrain_kit.data import DataSpec, build_datasets, build_folds
+from raytrain_kit.data import DataSpec, build_datasets, build_folds, describe_constant_features
 from raytrain_kit.errors import ConfigError, RunError, short_message
 from raytrain_kit.preflight import run_preflight
 from raytrain_kit.tracking import check_tracking, end_mlflow_run, start_mlflow_run
@@ -508,6 +508,8 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
     plan = plan_resources(cfg, ray.cluster_resources(), can_grow=not launch.started_embedded_ray())
     launch.check_shared_storage(cfg)
     datasets, spec = build_datasets(cfg)
+    if describe_constant_features(spec):
+        log(describe_constant_features(spec))
     if cfg.preflight.enabled:
         report = run_preflight(cfg, datasets["train"], spec)
         log(f"preflight: gradient check {report.status} ({report.num_parameters:,} parameters, {report.seconds:.2f} s)")

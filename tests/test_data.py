@@ -149,6 +149,21 @@ def test_standardizing_keeps_the_variance_of_a_column_with_a_large_offset(ray_se
     assert np.allclose(x.astype(np.float64).mean(axis=0), 0.0, atol=1e-6)
 
 
+def test_a_constant_column_is_reported_and_centred_not_divided_by_zero(ray_session, tmp_path):
+    from raytrain_kit.data import describe_constant_features
+
+    rng = np.random.default_rng(0)
+    pd.DataFrame({"a": rng.normal(size=100), "flat": np.full(100, 1e9), "label": rng.integers(0, 2, 100)}).to_csv(
+        tmp_path / "t.csv", index=False)
+    datasets, spec = build_datasets(build_experiment({"data": {"source": "csv", "path": str(tmp_path / "t.csv"),
+                                                               "label": "label"}}))
+    assert spec.constant_features == ("flat",)
+    x, _ = _arrays(datasets["train"])
+    assert np.all(x[:, 1] == 0.0) and np.isclose(x[:, 0].std(), 1.0, atol=1e-6)
+    assert describe_constant_features(spec) == ("data: 1 column(s) constant in the training split, centred but not "
+                                                "scaled: flat (they carry no information; drop them from data.features)")
+
+
 def test_merged_block_moments_equal_numpy_over_the_whole_column():
     from raytrain_kit.data import merge_moments
 

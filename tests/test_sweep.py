@@ -293,7 +293,8 @@ def test_cv_trial_reports_mean_std_and_every_fold(ray_session, tmp_path):
                                      "num_samples": 1, "cv_folds": 3}})
     lines: list[str] = []
     run_sweep(cfg, log=lines.append)
-    assert "3 folds per trial (side by side)" in lines[0]
+    (plan,) = [line for line in lines if line.startswith("sweep cv: ")]
+    assert "3 folds per trial (side by side)" in plan
     sweep_dir = tmp_path / "runs" / "cv"
     table = pd.read_csv(sweep_dir / "trials.csv")
     assert len(table) == 1

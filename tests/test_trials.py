@@ -40,7 +40,8 @@ def test_in_process_trial_writes_the_metrics_a_torchtrainer_run_writes(ray_sessi
                             "tune": {"space": {"optim.lr": {"grid": [0.004]}}, "num_samples": 1}})
     lines: list[str] = []
     summary = run_sweep(cfg, log=lines.append)
-    assert "each in a reused process of its own" in lines[0]
+    (plan,) = [line for line in lines if line.startswith("sweep same: ")]
+    assert "each in a reused process of its own" in plan
     sweep_dir = tmp_path / "runs" / "same"
     (trial_id,) = [p.name for p in (sweep_dir / "runs").iterdir()]
     in_process = sweep_dir / "runs" / trial_id
