@@ -513,7 +513,7 @@ def _tune_problems(cfg: "Experiment") -> list[str]:
             problems.append(f"tune.space.{key}: {section}.* cannot be searched: {UNSEARCHABLE[section]}")
             continue
         if domain.kind in ("loguniform", "uniform", "quniform") and _is_integer_field(key):
-            problems.append(f"tune.space.{key}: an integer; {domain.kind} samples fractions (every trial would "
+            problems.append(f"tune.space.{key}: is an integer key; {domain.kind} samples fractions (every trial would "
                             "fail at set-up); use randint: [lower, upper), choice: [...] or grid: [...]")
             continue
         for value in domain.candidates():

@@ -29,7 +29,7 @@ from ray.train.v2.api.callback import UserCallback
 from raytrain_kit import IMPORTED_AT
 from raytrain_kit import checkpoint as ckpt
 from raytrain_kit import cluster
-from raytrain_kit.cluster import started_embedded_ray
+from raytrain_kit.cluster import connect, started_embedded_ray
 from raytrain_kit.config import Experiment, to_yaml
 from raytrain_kit.data import DataSpec, build_datasets, describe_constant_features, spec_to_dict, split_for_workers
 from raytrain_kit.errors import ConfigError, KitError, RunError, short_message, traceback_text
@@ -453,7 +453,10 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     Raises KitError subclasses. `on_epoch(metrics)` after each epoch; `on_progress`: rank 0's
     in-epoch progress (a progress bar). The run's records (metrics.csv, TensorBoard, MLflow) are
     written as the reports arrive. `datasets_and_spec`: data already built (a sweep's); `trial`:
-    the sweep's side of a trial's run (abort, gate, clone, MLflow parent)."""
+    the sweep's side of a trial's run (abort, gate, clone, MLflow parent). Called with no Ray
+    running (a script's or notebook's first fit), it starts the Ray `raytrain-kit train` would."""
+    if not ray.is_initialized():
+        connect()
     run = open_run(cfg, resume=resume, datasets_and_spec=datasets_and_spec, link=trial, on_epoch=on_epoch, log=log)
     link = trial or TrialLink()
     error, details = _train_with_trainer(run, link, on_progress=on_progress)

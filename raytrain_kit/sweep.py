@@ -497,6 +497,10 @@ def build_tuner(cfg: Experiment, trainable, *, plan: SweepPlan, resume: bool, bo
 def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], None] = lambda line: None) -> dict:
     """Run (or continue) the sweep; writes its outputs and returns a summary. Raises KitError."""
     assert cfg.tune is not None, "the CLI refuses a config without a tune section"
+    if not ray.is_initialized():  # called from a script: the Ray `raytrain-kit tune` would start
+        from raytrain_kit.cluster import connect
+
+        connect(state_api=not cfg.scaling.single_process)
     started = time.perf_counter()
     directory = launch.run_dir(cfg)
     exists = launch.path_exists(directory)

@@ -50,9 +50,9 @@ SMALL = {"data": {"source": "digits"}, "model": {"kind": "mlp", "hidden": [32]},
     ({"space": SPACE, "search": "grid"}, "tune.space.optim.lr: search grid enumerates values"),
     ({"space": SPACE, "scheduler": "pbt", "cv_folds": 3}, "tune.cv_folds: not supported with scheduler pbt"),
     ({"space": {"train.batch_size": {"uniform": [16, 64]}}},
-     "tune.space.train.batch_size: an integer; uniform samples fractions (every trial would fail at set-up); "
+     "tune.space.train.batch_size: is an integer key; uniform samples fractions (every trial would fail at set-up); "
      "use randint: [lower, upper), choice: [...] or grid: [...]"),
-    ({"space": {"model.hidden_size": {"loguniform": [16, 256]}}}, "tune.space.model.hidden_size: an integer; loguniform"),
+    ({"space": {"model.hidden_size": {"loguniform": [16, 256]}}}, "tune.space.model.hidden_size: is an integer key; loguniform"),
 ])
 def test_bad_sweep_config_exits_2_before_any_trial(tmp_path, capsys, tune, expected):
     regression = "regression" in expected

@@ -149,3 +149,23 @@ def test_three_fits_of_one_config_in_one_session_write_the_same_metrics(ray_sess
     assert len(frames[0]) == 2 and {"train_loss", "val_loss", "val_accuracy"} <= set(frames[0].columns)
     for other in frames[1:]:
         pd.testing.assert_frame_equal(other, frames[0], check_exact=True)
+
+
+def test_fit_from_a_script_starts_its_ray_like_the_cli(tmp_path):
+    """A script's or notebook's first `fit` with no Ray running starts the one `train` would
+    (it once ended in 'Ray has not been started yet' and a traceback)."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import json; from raytrain_kit.config import build_experiment; from raytrain_kit.launch import fit\n"
+              "cfg = build_experiment({'data': {'source': 'synthetic', 'num_rows': 200, 'num_features': 4},\n"
+              "    'model': {'hidden': [8]}, 'train': {'epochs': 1}, 'preflight': {'enabled': False},\n"
+              f"    'run': {{'name': 'script', 'storage_path': {str(tmp_path)!r}}}}})\n"
+              "print(json.dumps(fit(cfg)['epochs_completed']))\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          start_new_session=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "1"
+    assert (tmp_path / "script" / "metrics.csv").exists()
