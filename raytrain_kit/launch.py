@@ -393,8 +393,9 @@ def open_run(cfg: Experiment, *, resume: bool, datasets_and_spec: Optional[tuple
         check_shared_storage(cfg)
         check_tracking(cfg)
     datasets, spec = datasets_and_spec or build_datasets(cfg)
-    if datasets_and_spec is None and describe_constant_features(spec):  # a sweep's driver said it once
-        log(describe_constant_features(spec))
+    constant = describe_constant_features(spec) if datasets_and_spec is None else None  # a sweep's driver said it once
+    if constant:
+        log(constant)
     check_streaming_resources(cfg, datasets)
     startup["datasets_built"] = time.time()
     try:

@@ -494,6 +494,31 @@ def build_tuner(cfg: Experiment, trainable, *, plan: SweepPlan, resume: bool, bo
                 checkpoint_frequency=1, num_to_keep=None if cfg.tune.scheduler == "pbt" else 2)))
 
 
+def prepare_trial_data(cfg: Experiment, plan: SweepPlan, *, log: Callable[[str], None]
+                       ) -> list[tuple[dict, DataSpec]]:
+    """The data every trial shares, built and checked once by the sweep driver: the datasets
+    (and the gradient check on them), then one (datasets, spec) per CV fold, or the split itself."""
+    datasets, spec = build_datasets(cfg)
+    constant = describe_constant_features(spec)
+    if constant:
+        log(constant)
+    if cfg.preflight.enabled:
+        report = run_preflight(cfg, datasets["train"], spec)
+        log(f"preflight: gradient check {report.status} ({report.num_parameters:,} parameters, {report.seconds:.2f} s)")
+    if plan.num_folds > 1:
+        return build_folds(cfg, datasets["train"], spec, num_folds=plan.num_folds)
+    return [(datasets, spec)]
+
+
+def describe_plan(cfg: Experiment, plan: SweepPlan) -> str:
+    """The sweep's one line about how its trials run."""
+    return (f"sweep {cfg.run.name}: {cfg.tune.search} search, {cfg.tune.scheduler} scheduler, "
+            f"{plan.max_concurrent_trials} trial(s) at a time, {plan.cpus_per_trial:g} CPU(s) each"
+            + (", each in a reused process of its own" if plan.in_process else ", each a Ray Train run")
+            + (f", {plan.num_folds} folds per trial ({'side by side' if plan.parallel_folds else 'in sequence'})"
+               if plan.num_folds > 1 else ""))
+
+
 def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], None] = lambda line: None) -> dict:
     """Run (or continue) the sweep; writes its outputs and returns a summary. Raises KitError."""
     assert cfg.tune is not None, "the CLI refuses a config without a tune section"
@@ -511,21 +536,11 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
         raise ConfigError(f"--resume: no sweep {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
     plan = plan_resources(cfg, ray.cluster_resources(), can_grow=not launch.started_embedded_ray())
     launch.check_shared_storage(cfg)
-    datasets, spec = build_datasets(cfg)
-    if describe_constant_features(spec):
-        log(describe_constant_features(spec))
-    if cfg.preflight.enabled:
-        report = run_preflight(cfg, datasets["train"], spec)
-        log(f"preflight: gradient check {report.status} ({report.num_parameters:,} parameters, {report.seconds:.2f} s)")
-    data = build_folds(cfg, datasets["train"], spec, num_folds=plan.num_folds) if plan.num_folds > 1 else [(datasets, spec)]
+    data = prepare_trial_data(cfg, plan, log=log)
     if not resume:
         launch.write_run_file(directory, launch.CONFIG_FILE, to_yaml(cfg))
     metric, mode = sweep_metric(cfg)
-    log(f"sweep {cfg.run.name}: {cfg.tune.search} search, {cfg.tune.scheduler} scheduler, "
-        f"{plan.max_concurrent_trials} trial(s) at a time, {plan.cpus_per_trial:g} CPU(s) each"
-        + (", each in a reused process of its own" if plan.in_process else ", each a Ray Train run")
-        + (f", {plan.num_folds} folds per trial ({'side by side' if plan.parallel_folds else 'in sequence'})"
-           if plan.num_folds > 1 else ""))
+    log(describe_plan(cfg, plan))
 
     # Tune's own tables and banners: the sweep prints one line per trial instead.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
