@@ -1,21 +1,26 @@
 """Numerical gradient check of a whole model, in float64, in about a second: pure, no Ray.
 
 `check_gradients` compares the autograd directional derivative g.d with a central difference
-along a few random directions d in parameter space. It works on a float64 deep copy, so the
-caller's model, buffers and RNG are untouched. Probes that cross a kink (ReLU, max-pool) are
-recognised by disagreeing one-sided slopes and retried; only consistent failures fail. A failure
-is then localised: the loss alone, then each parameter tensor (bisecting groups when there are
-many), with a hint such as "sign error" or "missing factor". Exercised by
-`raytrain-kit check jobs/digits.yaml` and `tests/test_gradcheck.py`.
+along a few random directions d in parameter space, each tensor's part of d scaled by its probe
+scale (its RMS, never less than the typical tensor's: zero-initialised biases are probed like the
+rest). It works on a float64 deep copy, so the caller's model, buffers and RNG are untouched; any
+batch structure a module takes (named tuples such as PackedSequence, dicts, dataclasses) is kept.
+Probes that cross a kink (ReLU, max-pool) are recognised by disagreeing one-sided slopes and
+retried; only consistent failures fail. A failure is then localised along the worst failed
+probe's own direction: the loss alone, then each parameter tensor's share of it (bisecting groups
+when there are many), so that what was caught is pinned, with a hint such as "sign error" or
+"missing factor". Exercised by `raytrain-kit check jobs/digits.yaml`, `tests/test_gradcheck.py`
+(including a walk over torch's parameterised layer types) and `benchmarks/gradcheck_bench.py`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, MutableMapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -40,6 +45,7 @@ class Probe:
     rel_error: float
     status: str  # pass | fail | inconclusive | untestable
     note: str = ""
+    tolerance: float = 0.0  # the largest |analytic - numeric| that passes
 
 
 @dataclass
@@ -163,8 +169,17 @@ class _Prober:
         self.generator = torch.Generator().manual_seed(seed + 7)
 
     def directions(self, group: Sequence[_Tensor]) -> list[torch.Tensor]:
-        # Scaled per tensor so that every parameter moves by about `step` of its own size.
+        # Scaled per tensor so that every parameter moves by about `step` of its probe scale.
         return [_gaussian(t.param.shape, self.generator).mul_(t.scale) for t in group]
+
+    def replay(self, state: torch.Tensor, drawn_for: Sequence[_Tensor], group: Sequence[_Tensor]) -> list[torch.Tensor]:
+        """The directions a probe of `drawn_for` took from generator state `state`, restricted to
+        `group`: localising along a failed joint probe's own direction splits its error exactly."""
+        saved = self.generator.get_state()
+        self.generator.set_state(state)
+        by_name = dict(zip((t.name for t in drawn_for), self.directions(drawn_for)))
+        self.generator.set_state(saved)
+        return [by_name[t.name] for t in group]
 
     def loss_at(self, group: Sequence[_Tensor], dirs: Sequence[torch.Tensor], h: float) -> float:
         with torch.no_grad():
@@ -179,8 +194,11 @@ class _Prober:
     def floor(self, *values: float, h: float) -> float:
         return ROUNDOFF_ULPS * EPS * max(abs(v) for v in (self.loss0, *values)) / h
 
-    def probe(self, group: Sequence[_Tensor], target: str, *, analytic_fn=None) -> Probe:
-        dirs = self.directions(group)
+    def probe(self, group: Sequence[_Tensor], target: str, *, analytic_fn=None, dirs=None,
+              tolerance_cap: float = math.inf) -> Probe:
+        """One comparison along `dirs` (fresh random ones by default). `tolerance_cap` bounds the
+        tolerance, so that a part of a failed probe is judged at least as strictly as the whole."""
+        dirs = self.directions(group) if dirs is None else dirs
         if analytic_fn is None:
             analytic = float(sum(torch.dot(t.grad.reshape(-1), d.reshape(-1))
                                  for t, d in zip(group, dirs) if t.grad is not None))
@@ -191,10 +209,11 @@ class _Prober:
         numeric = (plus - minus) / (2 * h)
         floor = self.floor(plus, minus, h=h)
         rel = abs(analytic - numeric) / max(abs(analytic), abs(numeric), 1e-300)
+        tolerance = min(_tolerance(analytic, numeric, rtol=self.rtol, floor=floor), max(tolerance_cap, floor))
         if max(abs(analytic), abs(numeric)) <= floor:
-            return Probe(target, analytic, numeric, rel, "untestable", "below the round-off floor")
-        if abs(analytic - numeric) <= _tolerance(analytic, numeric, rtol=self.rtol, floor=floor):
-            return Probe(target, analytic, numeric, rel, "pass")
+            return Probe(target, analytic, numeric, rel, "untestable", "below the round-off floor", tolerance)
+        if abs(analytic - numeric) <= tolerance:
+            return Probe(target, analytic, numeric, rel, "pass", tolerance=tolerance)
         # A kink between the two evaluations makes the one-sided slopes disagree, and the
         # central difference change with the step; a wrong gradient does neither.
         right, left = (plus - self.loss0) / h, (self.loss0 - minus) / h
@@ -202,16 +221,17 @@ class _Prober:
         one_sided_floor = 2 * floor
         if (abs(right - left) > _tolerance(right, left, rtol=self.rtol, floor=one_sided_floor)
                 or abs(half - numeric) > _tolerance(half, numeric, rtol=self.rtol, floor=2 * floor)):
-            return Probe(target, analytic, numeric, rel, "inconclusive", "crossed a kink; retried")
-        return Probe(target, analytic, numeric, rel, "fail")
+            return Probe(target, analytic, numeric, rel, "inconclusive", "crossed a kink; retried", tolerance)
+        return Probe(target, analytic, numeric, rel, "fail", tolerance=tolerance)
 
-    def settled(self, group: Sequence[_Tensor], target: str, *, tries: int = 3, analytic_fn=None) -> Probe:
+    def settled(self, group: Sequence[_Tensor], target: str, *, tries: int = 3, analytic_fn=None, dirs=None,
+                tolerance_cap: float = math.inf) -> Probe:
         """Probe until a conclusive answer (kinks are retried along new directions)."""
-        result = self.probe(group, target, analytic_fn=analytic_fn)
+        result = self.probe(group, target, analytic_fn=analytic_fn, dirs=dirs, tolerance_cap=tolerance_cap)
         for _ in range(tries - 1):
             if result.status != "inconclusive":
                 break
-            result = self.probe(group, target, analytic_fn=analytic_fn)
+            result = self.probe(group, target, analytic_fn=analytic_fn, tolerance_cap=tolerance_cap)
         return result
 
 
@@ -224,10 +244,25 @@ def _module_of(model: nn.Module, name: str) -> tuple[str, str]:
 
 
 def _cast_batch(value):
+    """Floating tensors to float64 on the CPU; every container a module accepts keeps its type and
+    structure (tuples, named tuples such as PackedSequence, whose int64 `batch_sizes` stay as
+    they are, lists, dicts, dataclasses); anything else is passed through."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", torch.float64) if value.is_floating_point() else value.detach().cpu()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # named tuple: fields are positional
+        return type(value)(*(_cast_batch(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(_cast_batch(v) for v in value)
+    if isinstance(value, MutableMapping):  # a copy keeps the type's own state (a defaultdict's factory)
+        cast = copy.copy(value)
+        for k, v in value.items():
+            cast[k] = _cast_batch(v)
+        return cast
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        cast = copy.copy(value)
+        for f in dataclasses.fields(value):
+            object.__setattr__(cast, f.name, _cast_batch(getattr(value, f.name)))  # frozen ones too
+        return cast
     return value
 
 
@@ -251,12 +286,16 @@ def _check_loss(loss_fn: LossFn, outputs: torch.Tensor, y, *, step: float, rtol:
 
 
 def check_gradients(model: nn.Module, batch: tuple, loss_fn: LossFn, *, num_directions: int = 4,
-                    rtol: float = 1e-5, step: float = 1e-9, jitter: float = 1e-3, seed: int = 0) -> GradCheckReport:
+                    rtol: float = 1e-5, step: float = 1e-6, jitter: float = 1e-3, seed: int = 0) -> GradCheckReport:
     """Check `loss_fn(model(x), y)`'s gradients w.r.t. every trainable parameter of `model`.
 
-    The copy's parameters are first moved by `jitter` of their scale: zero biases on zero inputs
-    (blank pixels) put ReLUs exactly on their kink, where no finite difference is conclusive;
-    a backward bug is as visible a hair away from that point.
+    The copy's parameters are first moved by `jitter` of their probe scale: zero biases on zero
+    inputs (blank pixels) put ReLUs exactly on their kink, where no finite difference is
+    conclusive; a backward bug is as visible a hair away from that point. `step` is the central
+    difference's step along a direction of per-element size one probe scale: 1e-6 resolves
+    derivatives three orders of magnitude finer than 1e-9 did (round-off ~ eps / step) while the
+    truncation error (~ step^2) stays far below `rtol`; the kinks it crosses more often are
+    recognised and retried.
     """
     started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -276,21 +315,31 @@ def _rms(t: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(t.detach()) / math.sqrt(t.numel())) if t.numel() else 0.0
 
 
-def _jitter(model: nn.Module, *, amount: float, seed: int) -> None:
-    params = [p for p in model.parameters() if p.requires_grad and p.numel()]
-    if not params or amount <= 0:
+def probe_scales(params: Sequence[torch.Tensor]) -> list[float]:
+    """Each tensor's probe scale: its RMS, but never less than the typical tensor's (the RMS of
+    the tensors' RMS). Biases and normalization shifts start at zero: scaled by their own size they
+    would be probed 1e3 times more finely than the rest (after jitter), their derivatives sunk
+    under the round-off floor and their bugs missed. How close to zero a tensor happens to start
+    says nothing about how far it may move."""
+    sizes = [_rms(p) for p in params]
+    typical = math.sqrt(sum(s * s for s in sizes) / len(sizes)) if sizes else 0.0
+    return [max(s, typical or 1e-2) for s in sizes]
+
+
+def _jitter(params: Sequence[torch.Tensor], scales: Sequence[float], *, amount: float, seed: int) -> None:
+    if amount <= 0:
         return
-    scales = [_rms(p) for p in params]
-    fallback = max(scales) or 1e-2
     generator = torch.Generator().manual_seed(seed + 3)
     with torch.no_grad():
         for p, scale in zip(params, scales):
-            p.add_(_gaussian(p.shape, generator), alpha=amount * (scale or fallback))
+            p.add_(_gaussian(p.shape, generator), alpha=amount * scale)
 
 
 def _check(model, batch, loss_fn, *, num_directions, rtol, step, jitter, seed) -> GradCheckReport:
     model64 = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
-    _jitter(model64, amount=jitter, seed=seed)
+    named = [(n, p) for n, p in model64.named_parameters() if p.requires_grad]
+    scales = probe_scales([p for _, p in named])  # taken before the jitter, which moves by them
+    _jitter([p for _, p in named], scales, amount=jitter, seed=seed)
     x, y = _cast_batch(batch[0]), _cast_batch(batch[1])
     obj = _Objective(model64, x, y, loss_fn, seed)
     report = GradCheckReport(status="pass", mode="train" if model.training else "eval")
@@ -310,12 +359,9 @@ def _check(model, batch, loss_fn, *, num_directions, rtol, step, jitter, seed) -
         loss = obj.loss_and_grads()
     loss0 = float(loss)
 
-    named = [(n, p) for n, p in model64.named_parameters() if p.requires_grad]
-    scales = [_rms(p) for _, p in named]
-    global_scale = math.sqrt(sum(s * s for s in scales) / len(scales)) if scales else 1.0
     # The gradients are not recomputed after this point, so they are used in place.
-    tensors = [_Tensor(name, p, p.detach().clone(), None if p.grad is None else p.grad.detach(),
-                       rms or global_scale or 1e-2) for (name, p), rms in zip(named, scales)]
+    tensors = [_Tensor(name, p, p.detach().clone(), None if p.grad is None else p.grad.detach(), scale)
+               for (name, p), scale in zip(named, scales)]
     report.num_parameters = sum(t.param.numel() for t in tensors)
     report.num_tensors = len(tensors)
     prober = _Prober(obj, tensors, loss0=loss0, step=step, rtol=rtol, seed=seed)
@@ -349,11 +395,16 @@ def _check(model, batch, loss_fn, *, num_directions, rtol, step, jitter, seed) -
     failures = 0
     if with_grad:
         budget = 2 * num_directions  # inconclusive probes are retried along new directions
+        worst = None  # (excess over tolerance, generator state) of the worst failed probe
         while budget and sum(p.status in ("pass", "fail", "untestable") for p in report.probes
                              if p.target == "model") < num_directions:
             budget -= 1
+            state = prober.generator.get_state()
             result = prober.probe(with_grad, "model")
             report.probes.append(result)
+            excess = abs(result.analytic - result.numeric) / result.tolerance
+            if result.status == "fail" and (worst is None or excess > worst[0]):
+                worst = (excess, state, result.tolerance)
         failures = sum(p.status == "fail" for p in report.probes)
         if not any(p.status in ("pass", "fail") for p in report.probes):
             report.warnings.append("no probe was conclusive: every direction tried crossed a kink or fell "
@@ -361,11 +412,17 @@ def _check(model, batch, loss_fn, *, num_directions, rtol, step, jitter, seed) -
     if failures:
         report.errors.append(f"gradients disagree with finite differences in {failures} of "
                              f"{len(report.probes)} random directions")
-        _localise(report, prober, model64, obj, with_grad, loss_fn, rtol=rtol, step=step, seed=seed)
+        _localise(report, prober, model64, obj, with_grad, loss_fn, rtol=rtol, step=step, seed=seed,
+                  failed=worst[1:])
     return _finish(report, obj)
 
 
-def _localise(report, prober: _Prober, model64, obj: _Objective, tensors: list[_Tensor], loss_fn, *, rtol, step, seed):
+def _localise(report, prober: _Prober, model64, obj: _Objective, tensors: list[_Tensor], loss_fn, *, rtol, step, seed,
+              failed: tuple[torch.Tensor, float]):
+    """Blame the loss or the tensors. Each part is probed along the worst failed probe's own
+    direction, restricted to it, with at most that probe's tolerance: the parts' errors add up to
+    the error that was detected, so a bug that was caught is also pinned (as sensitive as detection)."""
+    state, tolerance = failed
     with torch.no_grad():
         torch.manual_seed(obj.seed)
         outputs = model64(obj.x)
@@ -381,7 +438,7 @@ def _localise(report, prober: _Prober, model64, obj: _Objective, tensors: list[_
 
     def probe_group(group: list[_Tensor]) -> Probe:
         name = group[0].name if len(group) == 1 else f"{group[0].name} .. {group[-1].name} ({len(group)})"
-        result = prober.settled(group, name)
+        result = prober.settled(group, name, dirs=prober.replay(state, tensors, group), tolerance_cap=tolerance)
         report.probes.append(result)
         if result.status == "untestable" and len(group) == 1:
             report.warnings.append(f"{name}: untestable here (its derivative is below the round-off floor)")

@@ -146,3 +146,126 @@ class WithUnused(nn.Module):
 
     def forward(self, x):
         return self.used(x)
+
+
+# ---- bugs injected into any parameter of any module ------------------------------------------
+
+class _ScaledGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by `factor` (0: dropped)."""
+
+    @staticmethod
+    def forward(ctx, t, factor):
+        ctx.factor = factor
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+BUG_FACTORS = {"sign": -1.0, "dropped": 0.0, "factor_2": 2.0}
+BUG_HINTS = {"sign": "sign error", "dropped": "gradient dropped", "factor_2": "missing factor 1/2"}
+
+
+class _BuggyParameter:
+    """A forward pre-hook (with its post-hook) on the whole model that makes parameter `name` of
+    submodule `path` a view whose backward is wrong, for the length of one forward: a bug in the
+    backward of one parameter tensor, as a custom layer would have. On the root, because some
+    layers read their children's parameters without calling them (MultiheadAttention's
+    out_proj). An object, not a closure, so that the checker's deep copy carries it."""
+
+    def __init__(self, path: str, name: str, factor: float):
+        self.path, self.name, self.factor = path, name, factor
+
+    def before(self, model, args):
+        owner = model.get_submodule(self.path)
+        owner._unbugged = owner._parameters[self.name]
+        owner._parameters[self.name] = _ScaledGrad.apply(owner._unbugged, self.factor)
+        if isinstance(owner, nn.RNNBase):  # RNNs read a cached list of their weights
+            owner._init_flat_weights()
+
+    def after(self, model, args, output):
+        owner = model.get_submodule(self.path)
+        owner._parameters[self.name] = owner._unbugged
+        del owner._unbugged
+        if isinstance(owner, nn.RNNBase):
+            owner._init_flat_weights()
+
+
+def inject_bug(model: nn.Module, parameter: str, bug) -> nn.Module:
+    """Make the gradient of `model`'s parameter `parameter` (a dotted name) wrong in the way `bug`
+    names (a key of BUG_FACTORS), or multiply it by `bug` if it is a number; returns the model."""
+    path, _, name = parameter.rpartition(".")
+    hook = _BuggyParameter(path, name, BUG_FACTORS[bug] if isinstance(bug, str) else float(bug))
+    model.register_forward_pre_hook(hook.before)
+    model.register_forward_hook(hook.after)
+    return model
+
+
+# ---- every parameterised layer type torch ships, each in a small classifier -------------------
+
+class _Classifier(nn.Module):
+    """`body` then a linear head to 3 classes; `read` turns the body's output into [batch, width]."""
+
+    def __init__(self, body: nn.Module, width: int, read=lambda out: out.flatten(1)):
+        super().__init__()
+        self.body, self.head, self.read = body, nn.Linear(width, 3), read
+
+    def forward(self, x):
+        return self.head(self.read(self.body(x)))
+
+
+class _Pair(nn.Module):
+    """Feeds a layer that takes two inputs (Bilinear, attention, decoder) from one batch."""
+
+    def __init__(self, layer: nn.Module, call):
+        super().__init__()
+        self.layer, self.call = layer, call
+
+    def forward(self, x):
+        return self.call(self.layer, x)
+
+
+def _recurrent(cell: type[nn.RNNBase]) -> nn.Module:
+    # The last layer's final hidden state: h_n for RNN/GRU, (h_n, c_n) for LSTM.
+    return _Classifier(cell(4, 6, num_layers=2, batch_first=True), 6,
+                       read=lambda out: (out[1][0] if isinstance(out[1], tuple) else out[1])[-1])
+
+
+def _packed_batch(n: int, generator: torch.Generator):
+    lengths = torch.randint(1, 8, (n,), generator=generator).sort(descending=True).values
+    padded = torch.randn(n, 7, 4, generator=generator)
+    return nn.utils.rnn.pack_padded_sequence(padded, lengths, batch_first=True)
+
+
+def layer_zoo():
+    """name -> (model factory, batch input factory(n, generator)); every model has 3 classes."""
+    randn = lambda *shape: lambda n, g: torch.randn(n, *shape, generator=g)  # noqa: E731
+    attend = lambda layer, x: layer(x, x, x, need_weights=False)[0]  # noqa: E731
+    return {
+        "Linear": (lambda: _Classifier(nn.Linear(6, 5), 5), randn(6)),
+        "Bilinear": (lambda: _Classifier(_Pair(nn.Bilinear(3, 4, 5), lambda l, x: l(x[:, :3], x[:, 3:])), 5), randn(7)),
+        "Conv1d": (lambda: _Classifier(nn.Conv1d(2, 3, 3), 3 * 6), randn(2, 8)),
+        "Conv2d": (lambda: _Classifier(nn.Conv2d(2, 3, 3), 3 * 4 * 4), randn(2, 6, 6)),
+        "Conv3d": (lambda: _Classifier(nn.Conv3d(2, 2, 2), 2 * 3 * 3 * 3), randn(2, 4, 4, 4)),
+        "ConvTranspose2d": (lambda: _Classifier(nn.ConvTranspose2d(2, 3, 2, stride=2), 3 * 6 * 6), randn(2, 3, 3)),
+        "Embedding": (lambda: _Classifier(nn.Embedding(10, 4), 5 * 4), lambda n, g: torch.randint(0, 10, (n, 5), generator=g)),
+        "LayerNorm": (lambda: _Classifier(nn.LayerNorm(6), 6), randn(6)),
+        "GroupNorm": (lambda: _Classifier(nn.GroupNorm(2, 4), 4 * 5), randn(4, 5)),
+        "BatchNorm1d": (lambda: _Classifier(nn.BatchNorm1d(6), 6), randn(6)),
+        "BatchNorm2d": (lambda: _Classifier(nn.BatchNorm2d(3), 3 * 4 * 4), randn(3, 4, 4)),
+        "PReLU": (lambda: _Classifier(nn.PReLU(6), 6), randn(6)),
+        "RNN-padded": (lambda: _recurrent(nn.RNN), randn(5, 4)),
+        "LSTM-padded": (lambda: _recurrent(nn.LSTM), randn(5, 4)),
+        "GRU-padded": (lambda: _recurrent(nn.GRU), randn(5, 4)),
+        "RNN-packed": (lambda: _recurrent(nn.RNN), _packed_batch),
+        "LSTM-packed": (lambda: _recurrent(nn.LSTM), _packed_batch),
+        "GRU-packed": (lambda: _recurrent(nn.GRU), _packed_batch),
+        "MultiheadAttention": (lambda: _Classifier(_Pair(nn.MultiheadAttention(8, 2, batch_first=True), attend),
+                                                   5 * 8), randn(5, 8)),
+        "TransformerEncoderLayer": (lambda: _Classifier(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 5 * 8),
+                                    randn(5, 8)),
+        "TransformerDecoderLayer": (lambda: _Classifier(_Pair(nn.TransformerDecoderLayer(8, 2, 16, batch_first=True),
+                                                              lambda l, x: l(x[:, :3], x[:, 3:])), 3 * 8),
+                                    randn(5, 8)),
+    }
