@@ -31,11 +31,7 @@ def build_optimizer(model: nn.Module, cfg: Experiment) -> torch.optim.Optimizer:
     decay = cfg.regularization.weight_decay if o.name == "adamw" else 0.0
     groups = [{"params": weights, "weight_decay": decay}, {"params": others, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    # One kernel over all tensors instead of a Python loop over them: on CPU, fused AdamW steps
-    # a 2M-parameter MLP in 1.3 ms where the default loop takes 9.5 ms (a third of the step).
-    # Fused kernels exist for SGD, Adam and AdamW on CPU and GPU; the others get foreach.
-    floating = all(p.is_floating_point() for g in groups for p in g["params"])
-    fast = {"fused": True} if floating and o.name in ("sgd", "adam", "adamw") else {"foreach": True}
+    fast = {"fused": True} if _fused_kernel_fits(o.name, [p for g in groups for p in g["params"]]) else {"foreach": True}
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, **fast)
     if o.name == "adagrad":
@@ -45,6 +41,29 @@ def build_optimizer(model: nn.Module, cfg: Experiment) -> torch.optim.Optimizer:
     if o.name == "adam":
         return torch.optim.Adam(groups, lr=o.lr, betas=o.betas, eps=o.eps, **fast)
     return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, **fast)
+
+
+def _fused_kernel_fits(name: str, params: list[torch.Tensor]) -> bool:
+    """Whether optimizer `name` can step `params` with its fused kernel (one kernel over all
+    tensors instead of a Python loop: on CPU fused AdamW steps a 2M-parameter MLP in 1.3 ms where
+    the default loop takes 9.5 ms, a third of the step); the others get foreach. Fused kernels
+    exist for SGD, Adam and AdamW on CPU and GPU, but a sharded model's parameters are DTensors,
+    and DTensor runs only the kernels it has a sharding rule for (Adam and AdamW in torch 2.13,
+    not SGD: "aten._fused_sgd_.default does not have a sharding strategy registered"). The rule
+    tables are asked, not a list kept here, so a torch that adds a rule gets the fused kernel."""
+    if name not in ("sgd", "adam", "adamw") or not all(p.is_floating_point() for p in params):
+        return False
+    from torch.distributed.tensor import DTensor
+
+    if not any(isinstance(p, DTensor) for p in params):
+        return True
+    try:
+        op = getattr(torch.ops.aten, f"_fused_{name}_").default
+        propagator = DTensor._op_dispatcher.sharding_propagator
+        tables = ("op_strategy_funcs", "op_single_dim_strategy_funcs", "op_to_rules")
+        return any(op in getattr(propagator, table, {}) for table in tables)
+    except (AttributeError, RuntimeError):  # private tables moved: the loop always works
+        return False
 
 
 def apply_decoupled_weight_decay(optimizer: torch.optim.Optimizer, *, weight_decay: float, name: str) -> None:
