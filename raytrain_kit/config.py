@@ -81,6 +81,8 @@ class ModelConfig(_Section):
     """custom: 'package.module:callable' called as callable(data_spec, **kwargs), returning an nn.Module."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """custom: keyword arguments passed to the target."""
+    sync_batchnorm: bool = False
+    """Convert BatchNorm layers to torch.nn.SyncBatchNorm: training batch statistics over all workers' samples, not each worker's own (GPUs only: torch implements it for CUDA). Either way every worker evaluates rank 0's running statistics, the checkpoint's."""
 
 
 InitScheme = Literal[
@@ -487,6 +489,9 @@ def _scaling_problems(cfg: "Experiment") -> list[str]:
         problems.append(f"scaling.shard_group_size: only used with strategy hsdp (strategy is {s.strategy!r})")
     if s.fsdp_blocks is not None and s.strategy == "ddp":
         problems.append("scaling.fsdp_blocks: only used with strategy fsdp or hsdp (strategy is 'ddp')")
+    if cfg.model.sync_batchnorm and not s.use_gpu:
+        problems.append("model.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only (scaling.use_gpu: true); "
+                        "on CPU leave it false (every worker still evaluates the checkpoint's statistics)")
     if t.precision == "fp16" and not s.use_gpu:
         problems.append("train.precision: fp16 needs GPUs (scaling.use_gpu: true); on CPU use bf16 or fp32")
     if s.strategy != "ddp" and t.on_nonfinite == "rollback":

@@ -96,7 +96,7 @@ def build_train_state(cfg: Experiment, spec: DataSpec, *, rank: int, world_size:
     and its optimizer and schedule. Each rank gets its own dropout stream (a restored checkpoint
     replaces it). Under fsdp/hsdp every rank must call this: sharding is collective."""
     torch.manual_seed(cfg.train.seed * 7919 + rank)
-    model = build_model(cfg, spec)
+    model = parallel.convert_sync_batchnorm(build_model(cfg, spec), cfg, world_size=world_size)
     # DDP around it, or sharded in place; the optimizer comes after, since sharding replaces the
     # parameters with DTensors.
     module = parallel.wrap_model(model, cfg, world_size=world_size, device=device)
@@ -287,6 +287,7 @@ def train_one_epoch(state: TrainState, data, *, on_batch: Optional[Callable[[int
 def validate(state: TrainState, data) -> dict[str, float]:
     """Validation loss (and accuracy) over every worker's piece, and the seconds it took."""
     started = time.perf_counter()
+    parallel.broadcast_buffers(state.model)  # every rank evaluates the checkpoint's running statistics
     batches = data.val()
     if state.sharded:  # every forward gathers weights: all ranks run as many, whatever their piece
         batches = parallel.lockstep(batches, dummy_x=torch.zeros((1, *state.spec.input_shape), device=state.device))

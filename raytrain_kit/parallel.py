@@ -153,6 +153,35 @@ def all_finite(model: nn.Module, *, sharded: bool) -> bool:
     return not flag.item()
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm's running statistics and step count, any
+    custom module's state). Called before evaluation, and so before every checkpoint (a
+    checkpointed epoch is always evaluated first): every rank evaluates the model the checkpoint
+    holds. They drift apart in training because each rank updates them from its own batches: DDP
+    broadcasts rank 0's at the start of each forward, after which every rank adds its own batch
+    (running means 0.035 apart at an epoch's end); FSDP2 never broadcasts them, and its
+    checkpoint keeps one rank's copy of a replicated tensor, not necessarily rank 0's.
+    Parameters cannot drift: every rank applies the same all-reduced (or its own sharded) update."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for buffer in model.buffers():
+            if not isinstance(buffer, DTensor):
+                dist.broadcast(buffer, src=0)
+
+
+def convert_sync_batchnorm(model: nn.Module, cfg: Experiment, *, world_size: int) -> nn.Module:
+    """`model.sync_batchnorm`: BatchNorm layers become `torch.nn.SyncBatchNorm`, whose batch
+    statistics in training are taken over the global batch (all workers) instead of each worker's
+    own; the parameter and buffer names stay the same, so checkpoints are interchangeable. torch
+    implements it for GPUs only (config validation refuses it on CPU)."""
+    if not cfg.model.sync_batchnorm or world_size == 1:
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def lockstep(batches: Iterable, *, dummy_x: torch.Tensor) -> Iterator[tuple[torch.Tensor, Optional[torch.Tensor]]]:
     """Yield every batch, then `(dummy_x, None)` until every rank has run out: a sharded model's
     forward is a collective (it gathers weights), so all ranks must call it equally often even

@@ -36,3 +36,32 @@ def build_failing_mlp(spec, **kwargs) -> nn.Module:
 
 def not_a_module(spec):
     return "not a module"
+
+
+class BatchNormMLP(nn.Module):
+    """Linear-BatchNorm1d-ReLU-Linear. With `record_dir`, every evaluation forward appends the
+    running statistics this rank evaluates with to `record_dir/rank<r>.jsonl`."""
+
+    def __init__(self, spec, hidden: int = 16, record_dir=None):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(spec.num_features, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+                                 nn.Linear(hidden, spec.num_outputs))
+        self.record_dir = record_dir
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.record_dir:
+            import json
+            import os
+
+            import torch.distributed as dist
+
+            norm = self.net[2]
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            with open(os.path.join(self.record_dir, f"rank{rank}.jsonl"), "a") as f:
+                f.write(json.dumps({"running_mean": norm.running_mean.tolist(), "running_var": norm.running_var.tolist(),
+                                    "num_batches_tracked": int(norm.num_batches_tracked)}) + "\n")
+        return self.net(x)
+
+
+def build_batchnorm_mlp(spec, **kwargs) -> nn.Module:
+    return BatchNormMLP(spec, **kwargs)

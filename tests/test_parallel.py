@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from raytrain_kit.config import build_experiment, load_experiment, with_overrides
 from raytrain_kit.data import DataSpec
@@ -184,3 +185,54 @@ def test_precision_casts_where_each_strategy_expects():
         assert layer(x).dtype == torch.float32  # fsdp: FSDP2's policy casts the gathered weights instead
     with autocast(build_experiment({}), cpu):
         assert layer(x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_every_rank_evaluates_the_checkpointed_batchnorm_statistics(ray_session, tmp_path, strategy):
+    """Issue case: with 2 DDP workers rank 1 evaluated its own BatchNorm running mean (up to 0.035
+    from rank 0's, the checkpoint's), so val metrics averaged two models while one was saved."""
+    import json
+
+    from raytrain_kit.launch import export_run
+
+    records = tmp_path / "records"
+    records.mkdir()
+    cfg = with_overrides(_config(str(tmp_path / "runs"), f"bn_{strategy}", num_workers=2, strategy=strategy, epochs=2),
+                         {"model.kind": "custom", "model.target": "test_models_lib:build_batchnorm_mlp",
+                          "model.kwargs": {"record_dir": str(records)}})
+    result = fit(cfg, datasets_and_spec=_datasets(2))
+    exported = tmp_path / "model.pt"
+    used, _ = export_run(result["run_dir"], str(exported))
+    assert used.endswith("checkpoint_epoch_0002")
+    state = torch.load(exported, weights_only=True)
+
+    def last_evaluation(rank: int) -> dict:
+        return json.loads((records / f"rank{rank}.jsonl").read_text().splitlines()[-1])
+
+    for rank in (0, 1):
+        seen = last_evaluation(rank)
+        assert torch.equal(torch.tensor(seen["running_mean"]), state["net.2.running_mean"]), rank
+        assert torch.equal(torch.tensor(seen["running_var"]), state["net.2.running_var"]), rank
+        assert seen["num_batches_tracked"] == int(state["net.2.num_batches_tracked"]) == 2 * NUM_ROWS // GLOBAL_BATCH
+
+    _, spec = _datasets(1)
+    model = build_model(with_overrides(cfg, {"model.kwargs": {}}), spec)
+    model.load_state_dict(state)
+    x, y = _rows()
+    val = evaluate(model, in_memory_batches(torch.from_numpy(x[NUM_ROWS:]), torch.from_numpy(y[NUM_ROWS:]), batch_size=64),
+                   classification=True)
+    assert result["history"][-1]["val_loss"] == pytest.approx(val.loss / val.samples, rel=1e-6)
+    assert result["history"][-1]["val_accuracy"] == val.correct / val.samples
+
+
+def test_sync_batchnorm_converts_on_gpus_and_is_refused_on_cpu():
+    from raytrain_kit.parallel import convert_sync_batchnorm
+
+    with pytest.raises(ConfigError, match=r"model.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only"):
+        build_experiment({"model": {"sync_batchnorm": True}})
+    cfg = build_experiment({"model": {"sync_batchnorm": True}, "scaling": {"use_gpu": True, "num_workers": 2}})
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    names = [n for n, _ in model.state_dict().items()]
+    converted = convert_sync_batchnorm(model, cfg, world_size=2)
+    assert isinstance(converted[1], nn.SyncBatchNorm) and list(converted.state_dict()) == names
+    assert isinstance(convert_sync_batchnorm(nn.Sequential(nn.BatchNorm1d(8)), cfg, world_size=1)[0], nn.BatchNorm1d)
