@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for the parallel strategies and precisions: trains a shrunk jobs/fsdp_mlp.yaml on the
 # machine's GPUs under ddp and fsdp, each in fp32, bf16 and fp16, and prints one line per run
-# (final validation accuracy, samples/s, per-worker state and peak GPU memory). Skips, with a
+# (final validation accuracy, samples/s, per-worker state and peak GPU memory), then a BatchNorm
+# model with model.sync_batchnorm under ddp. Skips, with a
 # message and exit code 0, on a machine without GPUs. Run from the repository root:
 #
 #     bash benchmarks/gpu_check.sh [NUM_WORKERS]     # default: every GPU, at most 2
@@ -41,4 +42,17 @@ print(f"gpu_check: {sys.argv[2]:<10} {s['status']}  val_accuracy {m['val_accurac
 PY
     done
 done
+
+# SyncBatchNorm (model.sync_batchnorm) exists on GPUs only: a BatchNorm model under ddp.
+name=ddp_sync_batchnorm
+if PYTHONPATH=tests${PYTHONPATH:+:$PYTHONPATH} "$PYTHON" -m raytrain_kit train jobs/fsdp_mlp.yaml --quiet \
+        --set run.name="$name" --set run.storage_path="$storage" \
+        --set scaling.use_gpu=true --set scaling.num_workers="$workers" --set scaling.strategy=ddp \
+        --set model.kind=custom --set model.target=test_models_lib:build_batchnorm_mlp \
+        --set model.sync_batchnorm=true --set data.num_rows=8000 --set train.epochs=3 \
+        > "$storage/$name.log" 2>&1; then
+    echo "gpu_check: $name ok"
+else
+    echo "gpu_check: $name FAILED:"; tail -20 "$storage/$name.log"; failed=1
+fi
 exit $failed
