@@ -43,12 +43,16 @@ def layer_histograms(parameters) -> dict[str, dict]:
     `parameters`: a module, or (name, values, gradient) triples (the worker's whole tensors
     gathered from shards)."""
     import numpy as np
+    import torch
 
     if hasattr(parameters, "named_parameters"):
         parameters = ((name, p.detach(), p.grad) for name, p in parameters.named_parameters())
     out: dict[str, dict] = {}
     for name, p, grad in parameters:
-        values = p.float().cpu().numpy().ravel().astype(np.float64)
+        # A copy, always: numpy's view of a live parameter would make its storage unresizable,
+        # and FSDP2 frees an unsharded root's parameters by resizing their storage to 0 ("Trying
+        # to resize storage that is not resizable" at the next checkpoint).
+        values = p.detach().to("cpu", torch.float64, copy=True).numpy().ravel()
         counts, edges = np.histogram(values, bins=NUM_BINS)
         out[name] = {"min": float(values.min()), "max": float(values.max()), "num": int(values.size),
                      "sum": float(values.sum()), "sum_squares": float((values ** 2).sum()),

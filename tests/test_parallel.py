@@ -199,7 +199,9 @@ def test_every_rank_evaluates_the_checkpointed_batchnorm_statistics(ray_session,
     records.mkdir()
     cfg = with_overrides(_config(str(tmp_path / "runs"), f"bn_{strategy}", num_workers=2, strategy=strategy, epochs=2),
                          {"model.kind": "custom", "model.target": "test_models_lib:build_batchnorm_mlp",
-                          "model.kwargs": {"record_dir": str(records)}})
+                          "model.kwargs": {"record_dir": str(records)},
+                          # Histograms gather a root-sharded model's weights before the checkpoint.
+                          "tracking.tensorboard": True})
     result = fit(cfg, datasets_and_spec=_datasets(2))
     exported = tmp_path / "model.pt"
     used, _ = export_run(result["run_dir"], str(exported))
