@@ -97,11 +97,12 @@ class GradCheckReport:
                 lines.append(f"  {p.target[:34]:<34} {p.analytic:>13.6g} {p.numeric:>13.6g} {p.rel_error:>9.2e}  "
                              f"{p.status}{'  (' + p.note + ')' if p.note else ''}")
         if self.findings:
-            lines.append(f"  {'faulty':<34} {'type':<14} {'analytic':>13} {'numeric':>13}  hint")
+            width = max(14, *(len(f.module_type) for f in self.findings))  # whole class names
+            lines.append(f"  {'faulty':<34} {'type':<{width}} {'analytic':>13} {'numeric':>13}  hint")
             for f in self.findings:
                 a = "-" if f.analytic is None else f"{f.analytic:.6g}"
                 n = "-" if f.numeric is None else f"{f.numeric:.6g}"
-                lines.append(f"  {f.name[:34]:<34} {f.module_type[:14]:<14} {a:>13} {n:>13}  {f.hint}")
+                lines.append(f"  {f.name[:34]:<34} {f.module_type:<{width}} {a:>13} {n:>13}  {f.hint}")
         return "\n".join(lines)
 
 
@@ -214,15 +215,28 @@ class _Prober:
             return Probe(target, analytic, numeric, rel, "untestable", "below the round-off floor", tolerance)
         if abs(analytic - numeric) <= tolerance:
             return Probe(target, analytic, numeric, rel, "pass", tolerance=tolerance)
-        # A kink between the two evaluations makes the one-sided slopes disagree, and the
-        # central difference change with the step; a wrong gradient does neither.
-        right, left = (plus - self.loss0) / h, (self.loss0 - minus) / h
-        half = (self.loss_at(group, dirs, h / 2) - self.loss_at(group, dirs, -h / 2)) / h
-        one_sided_floor = 2 * floor
-        if (abs(right - left) > _tolerance(right, left, rtol=self.rtol, floor=one_sided_floor)
-                or abs(half - numeric) > _tolerance(half, numeric, rtol=self.rtol, floor=2 * floor)):
+        if self.crosses_kink(group, dirs, plus=plus, minus=minus, numeric=numeric, floor=floor):
             return Probe(target, analytic, numeric, rel, "inconclusive", "crossed a kink; retried", tolerance)
         return Probe(target, analytic, numeric, rel, "fail", tolerance=tolerance)
+
+    def crosses_kink(self, group, dirs, *, plus: float, minus: float, numeric: float, floor: float) -> bool:
+        """Whether a ReLU or max-pool kink lies within the step, from two more evaluations at
+        half the step; a wrong gradient changes neither test. On a smooth loss the central
+        differences at h and h/2 agree (both err by O(h^2)), and the one-sided slopes part by the
+        curvature, linearly in the step: right - left = h k, twice its value at h/2 (up to
+        O(h^3)). A kink at t*h shifts the central difference by (s1 - s2) t / 2 and makes the
+        one-sided gap the jump in slope whatever the step, so one of the two breaks unless it
+        does not matter. (Comparing the one-sided slopes directly, as before, flags every
+        curved loss once the step is large enough to resolve small errors.)"""
+        h, loss0 = self.step, self.loss0
+        plus_half, minus_half = self.loss_at(group, dirs, h / 2), self.loss_at(group, dirs, -h / 2)
+        half = (plus_half - minus_half) / h
+        gap = (plus - loss0) / h - (loss0 - minus) / h
+        gap_half = (plus_half - loss0) / (h / 2) - (loss0 - minus_half) / (h / 2)
+        # Round-off in units of `floor` (that of a central difference at h): 4 in `gap`, 16 in
+        # twice `gap_half`; 2 in `half`.
+        return (abs(half - numeric) > _tolerance(half, numeric, rtol=self.rtol, floor=2 * floor)
+                or abs(gap - 2 * gap_half) > _tolerance(gap, 2 * gap_half, rtol=self.rtol, floor=24 * floor))
 
     def settled(self, group: Sequence[_Tensor], target: str, *, tries: int = 3, analytic_fn=None, dirs=None,
                 tolerance_cap: float = math.inf) -> Probe:
@@ -406,12 +420,14 @@ def _check(model, batch, loss_fn, *, num_directions, rtol, step, jitter, seed) -
             if result.status == "fail" and (worst is None or excess > worst[0]):
                 worst = (excess, state, result.tolerance)
         failures = sum(p.status == "fail" for p in report.probes)
-        if not any(p.status in ("pass", "fail") for p in report.probes):
+        conclusive = sum(p.status in ("pass", "fail") for p in report.probes)
+        kinks = sum(p.status == "inconclusive" for p in report.probes)
+        if not conclusive:
             report.warnings.append("no probe was conclusive: every direction tried crossed a kink or fell "
                                    "below the round-off floor; the gradients are unchecked")
     if failures:
-        report.errors.append(f"gradients disagree with finite differences in {failures} of "
-                             f"{len(report.probes)} random directions")
+        report.errors.append(f"gradients disagree with finite differences in {failures} of {conclusive} random "
+                             f"directions" + (f" ({kinks} more crossed a kink)" if kinks else ""))
         _localise(report, prober, model64, obj, with_grad, loss_fn, rtol=rtol, step=step, seed=seed,
                   failed=worst[1:])
     return _finish(report, obj)

@@ -171,6 +171,10 @@ def test_a_zero_initialised_bias_is_probed_like_any_tensor(d_model, heads, seeds
         report = check_gradients(model, batch, cross_entropy, seed=seed)
         assert [f.name for f in report.findings] == ["attention.in_proj_bias"], (seed, report.format_table())
         assert report.findings[0].hint.startswith("sign error")
+        # Attention is smooth: no probe may pass for a kink (newcomer finding: a curved loss's
+        # one-sided slopes were read as one, which could leave a real bug unchecked).
+        assert not any(p.status == "inconclusive" for p in report.probes), report.format_table()
+        assert report.errors[0] == "gradients disagree with finite differences in 4 of 4 random directions"
 
 
 def test_a_small_error_caught_is_pinned_on_its_tensor():
