@@ -162,9 +162,12 @@ def _check(args) -> int:
     from raytrain_kit.cluster import connect
     from raytrain_kit.preflight import run_preflight
 
+    from raytrain_kit.launch import check_model_builds
+
     cfg = _load(args)
     connect(args.address)
     datasets, spec = build_datasets(cfg)
+    check_model_builds(cfg, spec)  # one line, as train says it, not the preflight task's traceback
     try:
         report = run_preflight(cfg, datasets["train"], spec)
     except PreflightError as e:

@@ -370,6 +370,18 @@ class _OpenRun:
             self.on_epoch(metrics)
 
 
+def check_model_builds(cfg: Experiment, spec: DataSpec) -> None:
+    """Build the model once here: a bad custom target (or fsdp block names) fails as one
+    ConfigError line, instead of inside the preflight task or every worker."""
+    try:
+        check_blocks(build_model(cfg, spec), cfg)
+    except KitError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"model: cannot build {cfg.model.kind!r} for input shape {list(spec.input_shape)} "
+                          f"({type(e).__name__}: {short_message(e, last_line=True)})") from None
+
+
 def open_run(cfg: Experiment, *, resume: bool, datasets_and_spec: Optional[tuple[dict, DataSpec]], link: Optional[TrialLink],
              on_epoch: Optional[Callable[[dict], None]], log: Callable[[str], None]) -> _OpenRun:
     """Everything before training: the resume-or-refuse decision, the checks that need Ray (a
@@ -398,13 +410,7 @@ def open_run(cfg: Experiment, *, resume: bool, datasets_and_spec: Optional[tuple
         log(constant)
     check_streaming_resources(cfg, datasets)
     startup["datasets_built"] = time.time()
-    try:
-        check_blocks(build_model(cfg, spec), cfg)
-    except KitError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"model: cannot build {cfg.model.kind!r} for input shape {list(spec.input_shape)} "
-                          f"({type(e).__name__}: {short_message(e, last_line=True)})") from None
+    check_model_builds(cfg, spec)
     if cfg.preflight.enabled:
         report = run_preflight(cfg, datasets["train"], spec)  # raises PreflightError: no worker starts
         log(f"preflight: gradient check {report.status} ({report.num_parameters:,} parameters, "

@@ -52,3 +52,14 @@ def test_check_prints_table_and_json(ray_session, tmp_path, capsys):
     assert main(["check", "jobs/digits.yaml", "--set", "preflight.num_directions=2"]) == 0
     table = capsys.readouterr().out
     assert table.startswith("gradient check: PASS") and table.count("  pass") == 2
+
+
+def test_check_says_in_one_line_that_the_model_cannot_be_built(ray_session, tmp_path, capsys):
+    """Newcomer finding: `train` said it in one line (exit 2), `check` printed the preflight
+    task's 30-line traceback (exit 1)."""
+    config = _config(tmp_path, kwargs={"no_such_option": 1})
+    for command in ("check", "train"):
+        assert main([command, config]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: model: cannot build 'custom' for input shape [1, 8, 8] (TypeError: "), err
+        assert "no_such_option" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
