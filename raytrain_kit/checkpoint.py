@@ -1,7 +1,8 @@
 """Checkpoint contents: what a run needs to continue exactly where it stopped.
 
 A checkpoint directory holds `train_state.pt` (scheduler, epoch, step), `history.json` (every
-epoch's metrics so far) and one `rng_rank{r}.pt` per worker, so a resumed run draws the same
+epoch's metrics so far), `steps.json` (every optimizer step's loss so far: the run's records are
+rebuilt from these two after a crash) and one `rng_rank{r}.pt` per worker, so a resumed run draws the same
 dropout masks as an uninterrupted one. The model and optimizer are stored in one of two ways:
 
 - strategy ddp: `model.pt`, the plain, unwrapped `state_dict` (loadable by
@@ -33,6 +34,7 @@ CHECKPOINT_PREFIX = "checkpoint_epoch_"  # + zero-padded epoch: sorts by name
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
+STEPS_FILE = "steps.json"  # [[epoch, step, train_loss], ...] of every optimizer step so far
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint of {"model": ..., "optimizer": ...}
 
 
@@ -83,7 +85,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_checkpoint(directory: Path, *, rank: int, model_state: dict | None, train_state: dict | None,
-                     history: list | None) -> None:
+                     history: list | None, steps: list | None = None) -> None:
     """Write this rank's part of a checkpoint; rank 0 passes the run-level parts."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -93,20 +95,25 @@ def write_checkpoint(directory: Path, *, rank: int, model_state: dict | None, tr
         save_torch(train_state, directory / STATE_FILE)
     if history is not None:
         save_json(history, directory / HISTORY_FILE)
+    if steps is not None:
+        save_json(steps, directory / STEPS_FILE)
     save_torch(rng_state(), directory / _rng_file(rank))
 
 
 def read_checkpoint(directory: Path, *, rank: int) -> dict:
     """What a worker restores from files: the whole model (ddp checkpoints; a sharded one is read
-    by `load_sharded`), the train state, the history and (if saved) its own RNG."""
+    by `load_sharded`), the train state, the history, the step losses (None in a checkpoint
+    from before they were kept) and (if saved) its own RNG."""
     directory = Path(directory)
     rng_path = directory / _rng_file(rank)
+    steps_path = directory / STEPS_FILE
     sharded = (directory / SHARDED_DIR).is_dir()
     return {
         "sharded": sharded,
         "model": None if sharded else load_torch(directory / MODEL_FILE),
         "train_state": load_torch(directory / STATE_FILE),
         "history": json.loads((directory / HISTORY_FILE).read_text()),
+        "steps": json.loads(steps_path.read_text()) if steps_path.exists() else None,
         "rng": load_torch(rng_path) if rng_path.exists() else None,
     }
 

@@ -69,6 +69,35 @@ def read_history(checkpoint_uri: str) -> list[dict]:
         return json.loads(f.read().decode())
 
 
+def read_steps(checkpoint_uri: str) -> Optional[list]:
+    """A checkpoint's [epoch, step, train_loss] rows; None if it predates them."""
+    import json
+
+    fs, path = filesystem(checkpoint_uri)
+    if fs.get_file_info(f"{path}/{ckpt.STEPS_FILE}").type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(f"{path}/{ckpt.STEPS_FILE}") as f:
+        return json.loads(f.read().decode())
+
+
+def reconcile_records(directory: str, recorder: RunRecorder, *, log: Callable[[str], None]) -> list[dict]:
+    """The one reconciliation step, at a resumed run's start and at every run's end: checkpoints
+    that were never registered are removed, and the run's records are made to agree with the
+    latest registered checkpoint (`RunRecorder.reconcile`). Returns that checkpoint's history
+    (every epoch up to it, across resumes; empty without one)."""
+    remove_orphan_checkpoints(directory)
+    kept = checkpoint_dirs(directory)
+    if not kept:
+        return []
+    latest = kept[max(kept)]
+    history = read_history(latest)
+    try:
+        recorder.reconcile(history, read_steps(latest))
+    except Exception as e:  # a record that cannot be written must not end the run
+        log(f"warning: run records: {type(e).__name__}: {short_message(e)}")
+    return history
+
+
 # ---------------------------------------------------------------------------------------------
 # Progress: Ray Train calls this on its controller; the driver prints from the queue.
 
@@ -419,6 +448,10 @@ def open_run(cfg: Experiment, *, resume: bool, datasets_and_spec: Optional[tuple
     write_run_file(directory, CONFIG_FILE, to_yaml(cfg))
     log(describe_scaling(cfg))
     recorder = RunRecorder(cfg, directory, resume=resume, parent_mlflow_run=link.parent_mlflow_run if link else None)
+    if resume:
+        history = reconcile_records(directory, recorder, log=log)
+        log(f"resume: from epoch {history[-1]['epoch']}'s checkpoint" if history else
+            f"resume: no registered checkpoint in {directory}; training from epoch 1")
     return _OpenRun(cfg=cfg, directory=directory, datasets=datasets, spec=spec, startup=startup, recorder=recorder,
                     on_epoch=on_epoch, log=log)
 
@@ -439,9 +472,7 @@ def close_run(run: _OpenRun, *, error: Optional[list[str]], details: str = "", a
                  f"({last['nonfinite_steps']} non-finite step(s), train.on_nonfinite: {cfg.train.on_nonfinite}); "
                  "the latest good checkpoint is kept as the result; lower optim.lr, clip gradients "
                  "(regularization.grad_clip_norm) or set train.on_nonfinite: skip or rollback"]
-    remove_orphan_checkpoints(directory)
-    kept = checkpoint_dirs(directory)
-    history = read_history(kept[max(kept)]) if kept else []
+    history = reconcile_records(directory, run.recorder, log=run.log)
     status = "failed" if error else "stopped" if aborted and len(history) < cfg.train.epochs else "finished"
     summary = summarize(cfg, history, status=status, error="; ".join(error) if error else None,
                         wall_s=time.perf_counter() - run.started)
@@ -577,9 +608,10 @@ def _checkpoint_names_on_disk(directory: str) -> list[str]:
             if i.type == pafs.FileType.Directory and i.base_name.startswith(ckpt.CHECKPOINT_PREFIX)]
 
 
-def _registered_checkpoint_names(directory: str) -> Optional[set[str]]:
+def _registered_checkpoint_names(directory: str) -> set[str]:
     """Checkpoints Ray Train registered (its snapshot file), or an in-process run did (its
-    registry, see trial.py); None before either was written."""
+    registry, see trial.py); none before either was written: a checkpoint uploaded by a worker
+    that died before Ray Train registered the run's first one is no checkpoint."""
     import json
 
     from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
@@ -587,18 +619,17 @@ def _registered_checkpoint_names(directory: str) -> Optional[set[str]]:
     fs, path = filesystem(directory)
     snapshot = f"{path}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
     if fs.get_file_info(snapshot).type != pafs.FileType.File:
-        own = registered_checkpoints(directory)
-        return None if own is None else set(own)
+        return set(registered_checkpoints(directory) or [])
     with fs.open_input_stream(snapshot) as f:
         raw = json.loads(f.read().decode())
     return {r["checkpoint_dir_name"] for r in raw.get("checkpoint_results", [])}
 
 
 def checkpoint_dirs(directory: str) -> dict[int, str]:
-    """Epoch -> path of every checkpoint the run keeps (registered with Ray Train, when known)."""
+    """Epoch -> path of every checkpoint the run keeps: registered with Ray Train, or by an in-process run."""
     names = _checkpoint_names_on_disk(directory)
     registered = _registered_checkpoint_names(directory)
-    return {int(n.rsplit("_", 1)[1]): f"{directory}/{n}" for n in names if registered is None or n in registered}
+    return {int(n.rsplit("_", 1)[1]): f"{directory}/{n}" for n in names if n in registered}
 
 
 def remove_orphan_checkpoints(directory: str) -> list[str]:
@@ -609,8 +640,6 @@ def remove_orphan_checkpoints(directory: str) -> list[str]:
         for staging in Path(directory).glob(f".{ckpt.CHECKPOINT_PREFIX}*"):
             shutil.rmtree(staging, ignore_errors=True)
     registered = _registered_checkpoint_names(directory)
-    if registered is None:
-        return []
     fs, path = filesystem(directory)
     orphans = [n for n in _checkpoint_names_on_disk(directory) if n not in registered]
     for name in orphans:

@@ -77,6 +77,7 @@ class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     history: list = field(default_factory=list)  # every completed epoch's metrics
+    step_rows: list = field(default_factory=list)  # [epoch, step, train_loss] of every optimizer step so far
     num_nonfinite: int = 0
     # Where the run is, for a failure record: the epoch and step being taken, the last epoch reported.
     position: dict = field(default_factory=lambda: {"epoch": None, "step": None, "reported": None})
@@ -141,6 +142,7 @@ def restore(state: TrainState, directory: Path, *, cloned: bool, origin: str) ->
         # (population based training perturbs lr and regularization): the config wins.
         apply_hyperparameters(state.optimizer, state.scheduler, state.cfg)
     state.epoch, state.step, state.history = train_state["epoch"] + 1, train_state["step"], saved["history"]
+    state.step_rows = saved["steps"] or []
 
 
 def apply_hyperparameters(optimizer, scheduler, cfg: Experiment) -> None:
@@ -348,7 +350,8 @@ def write_checkpoint(state: TrainState, directory: Path) -> None:
     rank0 = state.rank == 0
     ckpt.write_checkpoint(directory, rank=state.rank,
                           model_state=state.model.state_dict() if rank0 and not state.sharded else None,
-                          train_state=train_state if rank0 else None, history=state.history if rank0 else None)
+                          train_state=train_state if rank0 else None, history=state.history if rank0 else None,
+                          steps=state.step_rows if rank0 else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +441,10 @@ def run_epochs(state: TrainState, data, *, on_batch_for: Optional[Callable[[int,
                 yield EpochReport({**metrics, "nonfinite_stop": True}, step_losses, None, result.first_step_at,
                                   save=False, last=True)
                 return
+            epoch, first = state.epoch + 1, state.step - len(step_losses) + 1
+            # An epoch trained again (after a rollback) replaces its earlier steps.
+            state.step_rows = [r for r in state.step_rows if r[0] < epoch] + [
+                [epoch, first + i, loss] for i, loss in enumerate(step_losses)]
             last = state.epoch + 1 == cfg.train.epochs
             save = last or (state.epoch + 1) % cfg.checkpoint.every_epochs == 0
             if save or (state.epoch + 1) % cfg.train.eval_every == 0:

@@ -548,7 +548,7 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     check_tracking(cfg)
     # Each trial's run (each fold's) is an MLflow child of the sweep's run.
-    mlflow_parent = start_mlflow_run(cfg, resume=resume) if cfg.tracking.mlflow_uri else None
+    mlflow_parent = start_mlflow_run(cfg, directory=directory, resume=resume) if cfg.tracking.mlflow_uri else None
     # Only Train runs wait at gates and need the decision posted; in-process trials are simply not
     # stepped again, and the board's process (which imports the kit) would only cost CPU.
     board_name = None if plan.in_process else "raytrain-kit-stops-" + hashlib.sha1(directory.encode()).hexdigest()[:16]

@@ -37,3 +37,24 @@ def assert_picture(path: Path) -> None:
     pixels = matplotlib.image.imread(path)
     assert pixels.ndim == 3 and pixels.shape[0] > 200 and pixels.shape[1] > 200
     assert float(pixels[..., :3].var()) > 0.005, f"{path.name} looks blank"
+
+
+def tensorboard_points(folder: Path) -> dict[str, list[int]]:
+    """Every scalar point's step, {tag: [step, ...]} in the order written, duplicates included
+    (`read_tensorboard` keeps one value per step and would hide an epoch written twice)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    points: dict[str, list[int]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset + 12 <= len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            if offset + 16 + length > len(data):  # cut short by a killed writer
+                break
+            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if not value.HasField("histo"):
+                    points.setdefault(value.tag, []).append(event.step)
+    return points

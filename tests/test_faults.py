@@ -69,6 +69,7 @@ def test_worker_killed_mid_epoch_run_finishes_from_checkpoint(ray_session, stora
     on_disk = {p.name for p in run_dir.glob("checkpoint_epoch_*")}
     assert on_disk == _registered(run_dir) == {f"checkpoint_epoch_{e:04d}" for e in (1, 2, 3)}
     assert summary["final_metrics"]["val_accuracy"] > 0.5
+    _assert_records_hold_each_epoch_once(run_dir, summary)
 
 
 def test_driver_killed_after_second_checkpoint_resumes(tmp_path):
@@ -101,3 +102,23 @@ def test_driver_killed_after_second_checkpoint_resumes(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert summary["status"] == "finished"
+    assert "resume: from epoch " + str(checkpointed) + "'s checkpoint" in resumed.stdout
+    _assert_records_hold_each_epoch_once(run_dir, summary)
+
+
+def _assert_records_hold_each_epoch_once(run_dir: Path, summary: dict) -> None:
+    """metrics.csv, steps.csv and TensorBoard hold every epoch (and step) once, as the final
+    checkpoint's history and steps have them, whatever was killed when."""
+    import pandas as pd
+    from records import tensorboard_points
+
+    epochs = [h["epoch"] for h in summary["history"]]
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert metrics["epoch"].tolist() == epochs
+    assert metrics["val_loss"].tolist() == [h["val_loss"] for h in summary["history"]]
+    final = run_dir / f"checkpoint_epoch_{epochs[-1]:04d}" / "steps.json"
+    steps = pd.read_csv(run_dir / "steps.csv")
+    assert steps["step"].tolist() == list(range(1, summary["history"][-1]["step"] + 1))
+    assert steps["step"].tolist() == [s for _, s, _ in json.loads(final.read_text())]
+    points = tensorboard_points(run_dir / "tensorboard")
+    assert sorted(points["val_loss"]) == epochs and sorted(points["train_loss_step"]) == steps["step"].tolist()
