@@ -1,8 +1,8 @@
 """Checkpoint contents: what a run needs to continue exactly where it stopped.
 
 A checkpoint directory holds `train_state.pt` (scheduler, epoch, step), `history.json` (every
-epoch's metrics so far), `steps.json` (every optimizer step's loss so far: the run's records are
-rebuilt from these two after a crash) and one `rng_rank{r}.pt` per worker, so a resumed run draws the same
+epoch's metrics so far), `steps.json` (every optimizer step's loss so far, and the first epoch
+this run trained itself: the run's records are rebuilt from these two after a crash) and one `rng_rank{r}.pt` per worker, so a resumed run draws the same
 dropout masks as an uninterrupted one. The model and optimizer are stored in one of two ways:
 
 - strategy ddp: `model.pt`, the plain, unwrapped `state_dict` (loadable by
@@ -34,7 +34,7 @@ CHECKPOINT_PREFIX = "checkpoint_epoch_"  # + zero-padded epoch: sorts by name
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
-STEPS_FILE = "steps.json"  # [[epoch, step, train_loss], ...] of every optimizer step so far
+STEPS_FILE = "steps.json"  # {"first_epoch": n, "steps": [[epoch, step, train_loss], ...]}
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint of {"model": ..., "optimizer": ...}
 
 
@@ -85,7 +85,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_checkpoint(directory: Path, *, rank: int, model_state: dict | None, train_state: dict | None,
-                     history: list | None, steps: list | None = None) -> None:
+                     history: list | None, steps: dict | None = None) -> None:
     """Write this rank's part of a checkpoint; rank 0 passes the run-level parts."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -69,8 +69,9 @@ def read_history(checkpoint_uri: str) -> list[dict]:
         return json.loads(f.read().decode())
 
 
-def read_steps(checkpoint_uri: str) -> Optional[list]:
-    """A checkpoint's [epoch, step, train_loss] rows; None if it predates them."""
+def read_steps(checkpoint_uri: str) -> Optional[dict]:
+    """A checkpoint's steps: {"first_epoch": n, "steps": [[epoch, step, train_loss], ...]}; None
+    if it predates them."""
     import json
 
     fs, path = filesystem(checkpoint_uri)

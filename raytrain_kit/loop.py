@@ -77,7 +77,8 @@ class TrainState:
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps taken
     history: list = field(default_factory=list)  # every completed epoch's metrics
-    step_rows: list = field(default_factory=list)  # [epoch, step, train_loss] of every optimizer step so far
+    step_rows: list = field(default_factory=list)  # [epoch, step, train_loss] of every step this run took
+    first_epoch: int = 1  # the first epoch this run trained: later than 1 for a clone of another run's checkpoint
     num_nonfinite: int = 0
     # Where the run is, for a failure record: the epoch and step being taken, the last epoch reported.
     position: dict = field(default_factory=lambda: {"epoch": None, "step": None, "reported": None})
@@ -142,7 +143,10 @@ def restore(state: TrainState, directory: Path, *, cloned: bool, origin: str) ->
         # (population based training perturbs lr and regularization): the config wins.
         apply_hyperparameters(state.optimizer, state.scheduler, state.cfg)
     state.epoch, state.step, state.history = train_state["epoch"] + 1, train_state["step"], saved["history"]
-    state.step_rows = saved["steps"] or []
+    if cloned:  # the clone's records start where it does; the history keeps the source's epochs
+        state.first_epoch, state.step_rows = state.epoch + 1, []
+    elif saved["steps"] is not None:
+        state.first_epoch, state.step_rows = saved["steps"]["first_epoch"], saved["steps"]["steps"]
 
 
 def apply_hyperparameters(optimizer, scheduler, cfg: Experiment) -> None:
@@ -351,7 +355,7 @@ def write_checkpoint(state: TrainState, directory: Path) -> None:
     ckpt.write_checkpoint(directory, rank=state.rank,
                           model_state=state.model.state_dict() if rank0 and not state.sharded else None,
                           train_state=train_state if rank0 else None, history=state.history if rank0 else None,
-                          steps=state.step_rows if rank0 else None)
+                          steps={"first_epoch": state.first_epoch, "steps": state.step_rows} if rank0 else None)
 
 
 # ---------------------------------------------------------------------------------------------

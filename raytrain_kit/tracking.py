@@ -181,16 +181,20 @@ class RunRecorder:
         for p in ready:
             self._write_epoch(p["row"], p["steps"], p["histograms"])
 
-    def reconcile(self, history: list[dict], steps: Optional[list]) -> None:
+    def reconcile(self, history: list[dict], steps: Optional[dict]) -> None:
         """Make the records agree with the latest registered checkpoint's `history` (its epochs'
-        metrics) and `steps` ([epoch, step, loss] rows; None in an older checkpoint): its epochs
-        appear exactly once, as the checkpoint has them; later epochs stay as reported."""
+        metrics) and `steps` ({"first_epoch", "steps": [epoch, step, loss] rows}; None in an
+        older checkpoint): the epochs this run trained appear exactly once, as the checkpoint has
+        them (a clone of another run's checkpoint records from its `first_epoch` on); later
+        epochs stay as reported."""
         last = int(history[-1]["epoch"]) if history else 0
+        first = steps["first_epoch"] if steps is not None else 1
+        history = [h for h in history if int(h["epoch"]) >= first]
         rows = [scalar_metrics(h) for h in history] + [r for r in self.rows if r.get("epoch", 0) > last]
         if steps is None:  # a checkpoint from before steps were kept: keep what the file has
             kept = [r for r in self.step_rows if r.get("epoch", 0) <= last]
         else:
-            kept = [{"epoch": int(e), "step": int(n), "train_loss": float(v)} for e, n, v in steps]
+            kept = [{"epoch": int(e), "step": int(n), "train_loss": float(v)} for e, n, v in steps["steps"]]
         step_rows = kept + [r for r in self.step_rows if r.get("epoch", 0) > last]
         if rows != self.rows or not path_exists(f"{self.directory}/{METRICS_CSV}"):
             self.rows = rows

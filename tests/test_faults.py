@@ -119,6 +119,6 @@ def _assert_records_hold_each_epoch_once(run_dir: Path, summary: dict) -> None:
     final = run_dir / f"checkpoint_epoch_{epochs[-1]:04d}" / "steps.json"
     steps = pd.read_csv(run_dir / "steps.csv")
     assert steps["step"].tolist() == list(range(1, summary["history"][-1]["step"] + 1))
-    assert steps["step"].tolist() == [s for _, s, _ in json.loads(final.read_text())]
+    assert steps["step"].tolist() == [s for _, s, _ in json.loads(final.read_text())["steps"]]
     points = tensorboard_points(run_dir / "tensorboard")
     assert sorted(points["val_loss"]) == epochs and sorted(points["train_loss_step"]) == steps["step"].tolist()
