@@ -519,6 +519,56 @@ def describe_plan(cfg: Experiment, plan: SweepPlan) -> str:
                if plan.num_folds > 1 else ""))
 
 
+def check_sweep_state(directory: str, *, log: Callable[[str], None]) -> None:
+    """Before `tune --resume`: Tune writes its state files in place (no temp file and rename), so
+    a sweep killed while writing leaves one empty or cut short, and `Tuner.restore` would end in
+    an EOFError or a JSON error. Each session writes its own `<kind>-state-<time>` files (the
+    experiment's, the searcher's): the newest one cut short gives way to an older one (renamed
+    `*.damaged`; trials finished since are trained again, and the log says so); with none older,
+    or a damaged `tuner.pkl`, a ConfigError names the file and what to do. A pickle is whole
+    when it ends with its STOP opcode (b"."); JSON when it parses."""
+    import re
+
+    import pyarrow.fs as pafs
+
+    from raytrain_kit.storage import filesystem
+
+    fs, path = filesystem(directory)
+    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == pafs.FileType.File)
+
+    def whole(name: str) -> bool:
+        with fs.open_input_stream(f"{path}/{name}") as f:
+            data = f.read()
+        if name.endswith(".pkl"):
+            return data.endswith(b".")
+        try:
+            json.loads(data)
+            return True
+        except ValueError:
+            return False
+
+    def refuse(name: str) -> ConfigError:
+        return ConfigError(f"--resume: {directory}/{name} is empty or cut short (the sweep was killed while Tune "
+                           f"wrote it), so Tune cannot resume the sweep; start it again with --set run.name=<new name> "
+                           f"(each finished trial's run stays under {directory}/runs)")
+
+    if "tuner.pkl" in names and not whole("tuner.pkl"):
+        raise refuse("tuner.pkl")
+    families: dict[tuple[str, str], list[str]] = {}
+    for name in names:  # sorted: each family oldest first
+        match = re.fullmatch(r"(.+[-_]state)-\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.(json|pkl)", name)
+        if match:
+            families.setdefault(match.groups(), []).append(name)
+    for sessions in families.values():
+        while not whole(sessions[-1]):
+            damaged = sessions.pop()
+            if not sessions:
+                raise refuse(damaged)
+            fs.move(f"{path}/{damaged}", f"{path}/{damaged}.damaged")
+            log(f"resume: {damaged} was cut short by the crash; resuming from {sessions[-1]} (trials finished "
+                "since it was written are trained again)")
+
+
 def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], None] = lambda line: None) -> dict:
     """Run (or continue) the sweep; writes its outputs and returns a summary. Raises KitError."""
     assert cfg.tune is not None, "the CLI refuses a config without a tune section"
@@ -534,6 +584,8 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
                           "it, or --set run.name=<new name> to start another")
     if resume and not tune.Tuner.can_restore(directory):
         raise ConfigError(f"--resume: no sweep {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
+    if resume:
+        check_sweep_state(directory, log=log)
     plan = plan_resources(cfg, ray.cluster_resources(), can_grow=not launch.started_embedded_ray())
     launch.check_shared_storage(cfg)
     data = prepare_trial_data(cfg, plan, log=log)

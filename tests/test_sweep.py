@@ -363,3 +363,36 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert {name: (sweep_dir / "runs" / name / "summary.json").stat().st_mtime_ns for name in runs_before} == runs_before
     resumed_lines = [line for line in resumed.stdout.splitlines() if line.startswith("trial ")]
     assert len(resumed_lines) == 3 - len(finished_before)
+
+
+def test_a_sweep_state_cut_short_by_a_crash_resumes_from_the_last_whole_one_or_says_what_to_do(tmp_path):
+    """Tune writes its state files in place: a sweep killed mid-write left one empty or cut short,
+    and `tune --resume` ended in an EOFError (upstream reports). Real files as Tune lays them out."""
+    import pickle
+
+    from raytrain_kit.sweep import check_sweep_state
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "tuner.pkl").write_bytes(pickle.dumps({"param_space": {"lr": 0.1}}))
+    older, newer = "experiment_state-2026-12-01_06-32-17.json", "experiment_state-2026-12-01_06-32-44.json"
+    (sweep / older).write_text(json.dumps({"trial_data": [1]}))
+    (sweep / newer).write_text(json.dumps({"trial_data": [1, 2]})[:9])  # cut short
+    (sweep / "basic-variant-state-2026-12-01_06-32-44.json").write_text("{}")
+    lines: list[str] = []
+    check_sweep_state(str(sweep), log=lines.append)
+    assert lines == [f"resume: {newer} was cut short by the crash; resuming from {older} "
+                     "(trials finished since it was written are trained again)"]
+    assert (sweep / f"{newer}.damaged").exists() and not (sweep / newer).exists() and (sweep / older).exists()
+
+    (sweep / older).write_text("")  # the only one left, empty
+    with pytest.raises(ConfigError) as raised:
+        check_sweep_state(str(sweep), log=lines.append)
+    assert str(raised.value) == (
+        f"--resume: {sweep}/{older} is empty or cut short (the sweep was killed while Tune wrote it), so Tune "
+        f"cannot resume the sweep; start it again with --set run.name=<new name> (each finished trial's run stays "
+        f"under {sweep}/runs)")
+    (sweep / older).write_text(json.dumps({"trial_data": [1]}))
+    (sweep / "tuner.pkl").write_bytes(pickle.dumps({"param_space": {"lr": 0.1}})[:-3])
+    with pytest.raises(ConfigError, match=r"tuner.pkl is empty or cut short"):
+        check_sweep_state(str(sweep), log=lines.append)
