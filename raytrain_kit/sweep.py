@@ -525,8 +525,9 @@ def check_sweep_state(directory: str, *, log: Callable[[str], None]) -> None:
     an EOFError or a JSON error. Each session writes its own `<kind>-state-<time>` files (the
     experiment's, the searcher's): the newest one cut short gives way to an older one (renamed
     `*.damaged`; trials finished since are trained again, and the log says so); with none older,
-    or a damaged `tuner.pkl`, a ConfigError names the file and what to do. A pickle is whole
-    when it ends with its STOP opcode (b"."); JSON when it parses."""
+    or a damaged `tuner.pkl`, a ConfigError names the file and what to do. A pickle (whatever
+    its extension: the basic-variant searcher's "json" is one) is whole when it ends with its
+    STOP opcode (b"."); JSON when it parses."""
     import re
 
     import pyarrow.fs as pafs
@@ -539,7 +540,7 @@ def check_sweep_state(directory: str, *, log: Callable[[str], None]) -> None:
     def whole(name: str) -> bool:
         with fs.open_input_stream(f"{path}/{name}") as f:
             data = f.read()
-        if name.endswith(".pkl"):
+        if name.endswith(".pkl") or data.startswith(b"\x80"):  # a pickle (basic-variant-state "*.json" is one)
             return data.endswith(b".")
         try:
             json.loads(data)

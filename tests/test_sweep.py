@@ -378,7 +378,8 @@ def test_a_sweep_state_cut_short_by_a_crash_resumes_from_the_last_whole_one_or_s
     older, newer = "experiment_state-2026-12-01_06-32-17.json", "experiment_state-2026-12-01_06-32-44.json"
     (sweep / older).write_text(json.dumps({"trial_data": [1]}))
     (sweep / newer).write_text(json.dumps({"trial_data": [1, 2]})[:9])  # cut short
-    (sweep / "basic-variant-state-2026-12-01_06-32-44.json").write_text("{}")
+    # The basic-variant searcher's state is a pickle despite its name.
+    (sweep / "basic-variant-state-2026-12-01_06-32-44.json").write_bytes(pickle.dumps({"iterators": []}))
     lines: list[str] = []
     check_sweep_state(str(sweep), log=lines.append)
     assert lines == [f"resume: {newer} was cut short by the crash; resuming from {older} "
