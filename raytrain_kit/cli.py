@@ -10,10 +10,11 @@ in `tests/test_cli.py` and by the README's commands.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
-from raytrain_kit.errors import KitError
+from raytrain_kit.errors import KitError, short_message
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -179,8 +180,35 @@ def _check(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _quiet_thread_errors(args) -> Iterator[None]:
+    """A background thread's exception (TensorBoard's writer on a full disk, say) as one warning
+    line, not a traceback, while the command runs; with --verbose as Python prints it."""
+    import threading
+
+    from raytrain_kit.progress import VERBOSE
+
+    def hook(info) -> None:
+        if info.exc_type is not SystemExit:
+            print(f"warning: {info.exc_type.__name__}: {short_message(info.exc_value)} (in a background thread)",
+                  file=sys.stderr)
+
+    previous = threading.excepthook
+    if _verbosity(args) < VERBOSE:
+        threading.excepthook = hook
+    try:
+        yield
+    finally:
+        threading.excepthook = previous
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    with _quiet_thread_errors(args):
+        return _run(args)
+
+
+def _run(args) -> int:
     try:
         if args.command == "validate":
             from raytrain_kit.config import to_yaml

@@ -478,7 +478,11 @@ def close_run(run: _OpenRun, *, error: Optional[list[str]], details: str = "", a
     summary = summarize(cfg, history, status=status, error="; ".join(error) if error else None,
                         wall_s=time.perf_counter() - run.started)
     summary["startup"] = startup_seconds(run.startup)
-    write_run_file(directory, SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
+    try:
+        write_run_file(directory, SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
+    except OSError as e:
+        raise RunError(disk_full_message(directory) if is_disk_full(str(e)) else
+                       f"run.storage_path: cannot write {directory}/{SUMMARY_FILE} ({short_message(e)})") from None
     run.recorder.close(summary)
     if error:
         raise RunError(*error, f"run {cfg.run.name!r} failed; summary at {directory}/{SUMMARY_FILE}", traceback=details)
@@ -707,9 +711,21 @@ def _worker_error(error: Exception, directory: str, *, since: float) -> list[str
     if records:
         r = records[0]
         where = f"rank {r['rank']} on node {r['node']}" + (f", epoch {r['epoch']}, step {r['step']}" if r["epoch"] else "")
-        return [f"{r['type']}: {r['message'][:300]} ({where})", f"full log of worker rank {r['rank']}: {r['log']}"]
-    failures = getattr(error, "worker_failures", None) or {}
-    for rank, failure in sorted(failures.items()):
-        cause = getattr(failure, "cause", None) or failure
-        return [f"{type(cause).__name__}: {short_message(cause, last_line=True)} (rank {rank})"]
-    return [f"{type(error).__name__}: {short_message(error, last_line=True)}"]
+        lines = [f"{r['type']}: {r['message'][:300]} ({where})", f"full log of worker rank {r['rank']}: {r['log']}"]
+    else:
+        failures = getattr(error, "worker_failures", None) or {}
+        causes = [(rank, getattr(f, "cause", None) or f) for rank, f in sorted(failures.items())]
+        lines = ([f"{type(cause).__name__}: {short_message(cause, last_line=True)} (rank {rank})" for rank, cause in causes[:1]]
+                 or [f"{type(error).__name__}: {short_message(error, last_line=True)}"])
+    return [disk_full_message(directory)] if is_disk_full(lines[0]) else lines
+
+
+def is_disk_full(text: str) -> bool:
+    return "No space left on device" in text or "[Errno 28]" in text or "[errno 28]" in text
+
+
+def disk_full_message(directory: str) -> str:
+    """The one line for a full disk under the run (a checkpoint's upload, a record): what is safe and what to do."""
+    return (f"run.storage_path: no space left on the disk of {directory}; the latest registered checkpoint is "
+            "intact (the one being written is removed): free space or set run.storage_path to a larger disk "
+            "(moving the run there), then run the same command with --resume")

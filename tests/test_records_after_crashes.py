@@ -125,3 +125,43 @@ def test_a_checkpoint_never_registered_is_removed_and_never_named(ray_session, t
     assert Path(summary["checkpoint"]).name in on_disk  # the best epoch's, registered
     assert pd.read_csv(run_dir / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
     assert len(_mlflow_runs(tmp_path)) == 1  # one kit run, across its two resumes
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs: a disk that fills up during a run (needs the right to mount, as root has)."""
+    import subprocess
+
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_latest_checkpoint(ray_session, small_disk, capsys):
+    """Checkpoints of ~0.65 MB on a 2 MB disk: the third or fourth upload finds it full."""
+    import torch
+
+    from raytrain_kit.cli import main
+
+    code = main(["train", "jobs/tabular_mlp.yaml", "--set", "data.source=synthetic", "--set", "data.label=label",
+                 "--set", "data.num_rows=1000", "--set", "model.hidden=[256,256]", "--set", "train.epochs=6",
+                 "--set", "checkpoint.keep=6",
+                 "--set", "preflight.enabled=false", "--set", f"run.storage_path={small_disk}", "--set", "run.name=full"])
+    err = capsys.readouterr().err
+    run_dir = small_disk / "full"
+    assert code == 1
+    assert err.splitlines()[0] == (
+        f"error: run.storage_path: no space left on the disk of {run_dir}; the latest registered checkpoint is intact "
+        "(the one being written is removed): free space or set run.storage_path to a larger disk (moving the run "
+        "there), then run the same command with --resume"), err
+    assert "Traceback" not in err
+    on_disk = {p.name for p in run_dir.glob("checkpoint_epoch_*")}
+    assert on_disk == _registered(run_dir) and 1 <= len(on_disk) < 6
+    latest = run_dir / max(on_disk)
+    assert torch.load(latest / "model.pt", weights_only=True)  # whole, loadable
+    assert json.loads((latest / "history.json").read_text())[-1]["epoch"] == int(max(on_disk).rsplit("_", 1)[1])
