@@ -392,8 +392,17 @@ def _check(model, batch, loss_fn, *, num_directions, rtol, step, jitter, seed) -
     if report.errors:
         return _finish(report, obj)
 
-    # A parameter without a gradient is either unused (numeric slope 0) or dropped by a backward.
-    for t in [t for t in tensors if t.grad is None]:
+    _check_without_gradient(report, prober, model64, [t for t in tensors if t.grad is None])
+    with_grad = [t for t in tensors if t.grad is not None]
+    worst = _probe_model(report, prober, with_grad, num_directions=num_directions) if with_grad else None
+    if worst is not None:
+        _localise(report, prober, model64, obj, with_grad, loss_fn, rtol=rtol, step=step, seed=seed, failed=worst)
+    return _finish(report, obj)
+
+
+def _check_without_gradient(report, prober: "_Prober", model64, tensors: list[_Tensor]) -> None:
+    """A parameter without a gradient is either unused (numeric slope 0) or dropped by a backward."""
+    for t in tensors:
         module, kind = _module_of(model64, t.name)
         result = prober.settled([t], t.name, analytic_fn=lambda dirs: 0.0)
         if result.status in ("fail", "inconclusive"):
@@ -405,32 +414,34 @@ def _check(model, batch, loss_fn, *, num_directions, rtol, step, jitter, seed) -
             report.warnings.append(f"{t.name} ({kind}): unused parameter (no gradient; breaks DDP "
                                    "unless every parameter takes part in the loss)")
 
-    with_grad = [t for t in tensors if t.grad is not None]
-    failures = 0
-    if with_grad:
-        budget = 2 * num_directions  # inconclusive probes are retried along new directions
-        worst = None  # (excess over tolerance, generator state) of the worst failed probe
-        while budget and sum(p.status in ("pass", "fail", "untestable") for p in report.probes
-                             if p.target == "model") < num_directions:
-            budget -= 1
-            state = prober.generator.get_state()
-            result = prober.probe(with_grad, "model")
-            report.probes.append(result)
-            excess = abs(result.analytic - result.numeric) / result.tolerance
-            if result.status == "fail" and (worst is None or excess > worst[0]):
-                worst = (excess, state, result.tolerance)
-        failures = sum(p.status == "fail" for p in report.probes)
-        conclusive = sum(p.status in ("pass", "fail") for p in report.probes)
-        kinks = sum(p.status == "inconclusive" for p in report.probes)
-        if not conclusive:
-            report.warnings.append("no probe was conclusive: every direction tried crossed a kink or fell "
-                                   "below the round-off floor; the gradients are unchecked")
-    if failures:
-        report.errors.append(f"gradients disagree with finite differences in {failures} of {conclusive} random "
-                             f"directions" + (f" ({kinks} more crossed a kink)" if kinks else ""))
-        _localise(report, prober, model64, obj, with_grad, loss_fn, rtol=rtol, step=step, seed=seed,
-                  failed=worst[1:])
-    return _finish(report, obj)
+
+def _probe_model(report, prober: "_Prober", tensors: list[_Tensor], *, num_directions: int
+                 ) -> Optional[tuple[torch.Tensor, float]]:
+    """Probe every tensor at once along `num_directions` conclusive random directions (inconclusive
+    ones are retried, up to twice as many in all). Returns the worst failed probe's generator
+    state and tolerance (what localisation replays), or None if none failed."""
+    budget = 2 * num_directions
+    worst = None  # (excess over tolerance, generator state, tolerance)
+    while budget and sum(p.status in ("pass", "fail", "untestable") for p in report.probes
+                         if p.target == "model") < num_directions:
+        budget -= 1
+        state = prober.generator.get_state()
+        result = prober.probe(tensors, "model")
+        report.probes.append(result)
+        excess = abs(result.analytic - result.numeric) / result.tolerance
+        if result.status == "fail" and (worst is None or excess > worst[0]):
+            worst = (excess, state, result.tolerance)
+    failures = sum(p.status == "fail" for p in report.probes)
+    conclusive = sum(p.status in ("pass", "fail") for p in report.probes)
+    kinks = sum(p.status == "inconclusive" for p in report.probes)
+    if not conclusive:
+        report.warnings.append("no probe was conclusive: every direction tried crossed a kink or fell "
+                               "below the round-off floor; the gradients are unchecked")
+    if not failures:
+        return None
+    report.errors.append(f"gradients disagree with finite differences in {failures} of {conclusive} random "
+                         f"directions" + (f" ({kinks} more crossed a kink)" if kinks else ""))
+    return worst[1:]
 
 
 def _localise(report, prober: _Prober, model64, obj: _Objective, tensors: list[_Tensor], loss_fn, *, rtol, step, seed,
