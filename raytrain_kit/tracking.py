@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from raytrain_kit.config import Experiment
 from raytrain_kit.errors import ConfigError, short_message
@@ -267,10 +267,10 @@ class RunRecorder:
             end_mlflow_run(self.cfg, self.mlflow_run, summary)
 
 
-def tensorboard_steps(folder: str) -> dict[str, set[int]]:
-    """{tag: steps} of the scalars in a TensorBoard folder's event files (local or a URI), read
-    with tensorboardX's own protobuf from TFRecord framing (length, crc, data, crc). A record cut
-    short by a crash ends its file's reading."""
+def tensorboard_events(folder: str) -> Iterator:
+    """Every event of a TensorBoard folder's event files (local or a URI), file by file in name
+    order, read with tensorboardX's own protobuf from TFRecord framing (length, crc, data, crc).
+    A record cut short by a crash ends its file's reading."""
     import struct
 
     import pyarrow.fs as pafs
@@ -278,9 +278,9 @@ def tensorboard_steps(folder: str) -> dict[str, set[int]]:
 
     fs, path = filesystem(folder)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return {}
-    steps: dict[str, set[int]] = {}
-    for info in fs.get_file_info(pafs.FileSelector(path)):
+        return
+    infos = sorted(fs.get_file_info(pafs.FileSelector(path)), key=lambda i: i.base_name)
+    for info in infos:
         if not info.base_name.startswith("events.out.tfevents."):
             continue
         with fs.open_input_stream(info.path) as f:
@@ -290,11 +290,17 @@ def tensorboard_steps(folder: str) -> dict[str, set[int]]:
             (length,) = struct.unpack("<Q", data[offset:offset + 8])
             if offset + 12 + length + 4 > len(data):
                 break
-            event = Event.FromString(data[offset + 12:offset + 12 + length])
+            yield Event.FromString(data[offset + 12:offset + 12 + length])
             offset += 12 + length + 4
-            for value in event.summary.value:
-                if not value.HasField("histo"):
-                    steps.setdefault(value.tag, set()).add(event.step)
+
+
+def tensorboard_steps(folder: str) -> dict[str, set[int]]:
+    """{tag: steps} of the scalars in a TensorBoard folder (`tensorboard_events`)."""
+    steps: dict[str, set[int]] = {}
+    for event in tensorboard_events(folder):
+        for value in event.summary.value:
+            if not value.HasField("histo"):
+                steps.setdefault(value.tag, set()).add(event.step)
     return steps
 
 

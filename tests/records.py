@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 
 def read_tensorboard(folder: Path) -> tuple[dict[str, dict[int, float]], set[str]]:
-    """Scalars {tag: {step: value}} and histogram tags of TensorBoard event files, read with
-    tensorboardX's own protobuf from TFRecord framing (length, crc, data, crc)."""
-    from tensorboardX.proto.event_pb2 import Event
+    """Scalars {tag: {step: value}} and histogram tags of TensorBoard event files (the kit's reader)."""
+    from raytrain_kit.tracking import tensorboard_events
 
+    assert list(folder.glob("events.out.tfevents.*")), f"no event file in {folder}"
     scalars: dict[str, dict[int, float]] = {}
     histograms: set[str] = set()
-    files = sorted(folder.glob("events.out.tfevents.*"))
-    assert files, f"no event file in {folder}"
-    for path in files:
-        data = path.read_bytes()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            event = Event.FromString(data[offset + 12:offset + 12 + length])
-            offset += 12 + length + 4
-            for value in event.summary.value:
-                if value.HasField("histo"):
-                    histograms.add(value.tag)
-                else:
-                    scalars.setdefault(value.tag, {})[event.step] = value.simple_value
+    for event in tensorboard_events(str(folder)):
+        for value in event.summary.value:
+            if value.HasField("histo"):
+                histograms.add(value.tag)
+            else:
+                scalars.setdefault(value.tag, {})[event.step] = value.simple_value
     return scalars, histograms
 
 
@@ -42,19 +33,11 @@ def assert_picture(path: Path) -> None:
 def tensorboard_points(folder: Path) -> dict[str, list[int]]:
     """Every scalar point's step, {tag: [step, ...]} in the order written, duplicates included
     (`read_tensorboard` keeps one value per step and would hide an epoch written twice)."""
-    from tensorboardX.proto.event_pb2 import Event
+    from raytrain_kit.tracking import tensorboard_events
 
     points: dict[str, list[int]] = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        offset = 0
-        while offset + 12 <= len(data):
-            (length,) = struct.unpack("<Q", data[offset:offset + 8])
-            if offset + 16 + length > len(data):  # cut short by a killed writer
-                break
-            event = Event.FromString(data[offset + 12:offset + 12 + length])
-            offset += 12 + length + 4
-            for value in event.summary.value:
-                if not value.HasField("histo"):
-                    points.setdefault(value.tag, []).append(event.step)
+    for event in tensorboard_events(str(folder)):
+        for value in event.summary.value:
+            if not value.HasField("histo"):
+                points.setdefault(value.tag, []).append(event.step)
     return points
