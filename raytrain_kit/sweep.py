@@ -519,6 +519,19 @@ def describe_plan(cfg: Experiment, plan: SweepPlan) -> str:
                if plan.num_folds > 1 else ""))
 
 
+def has_tune_state(directory: str) -> bool:
+    """Whether Tune can restore the sweep: its tuner and at least one experiment state file
+    (Tune restores without the latter only after logging a traceback, and then starts afresh)."""
+    import pyarrow.fs as pafs
+
+    from raytrain_kit.storage import filesystem
+
+    if not tune.Tuner.can_restore(directory):
+        return False
+    fs, path = filesystem(directory)
+    return any(i.base_name.startswith("experiment_state-") for i in fs.get_file_info(pafs.FileSelector(path)))
+
+
 def check_sweep_state(directory: str, *, log: Callable[[str], None]) -> None:
     """Before `tune --resume`: Tune writes its state files in place (no temp file and rename), so
     a sweep killed while writing leaves one empty or cut short, and `Tuner.restore` would end in
@@ -583,14 +596,19 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
     if exists and not resume:
         raise ConfigError(f"run.name: sweep {cfg.run.name!r} already exists at {directory}; pass --resume to continue "
                           "it, or --set run.name=<new name> to start another")
-    if resume and not tune.Tuner.can_restore(directory):
-        raise ConfigError(f"--resume: no sweep {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
-    if resume:
+    restore = resume and has_tune_state(directory)
+    if resume and not restore:
+        if not exists:
+            raise ConfigError(f"--resume: no sweep {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
+        # Killed before Tune saved its first state: no trial result is kept anywhere, and
+        # without --resume the directory would be refused as existing.
+        log(f"resume: sweep {cfg.run.name!r} was stopped before Tune saved its state; starting it from the beginning")
+    if restore:
         check_sweep_state(directory, log=log)
     plan = plan_resources(cfg, ray.cluster_resources(), can_grow=not launch.started_embedded_ray())
     launch.check_shared_storage(cfg)
     data = prepare_trial_data(cfg, plan, log=log)
-    if not resume:
+    if not restore:
         launch.write_run_file(directory, launch.CONFIG_FILE, to_yaml(cfg))
     metric, mode = sweep_metric(cfg)
     log(describe_plan(cfg, plan))
@@ -611,7 +629,7 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
                              parallel_folds=plan.parallel_folds, board_name=board_name, gates=gate_epochs(cfg),
                              mlflow_parent=mlflow_parent),
         plan.trial_resources())
-    tuner = build_tuner(cfg, trainable, plan=plan, resume=resume, board_name=board_name, log=log)
+    tuner = build_tuner(cfg, trainable, plan=plan, resume=restore, board_name=board_name, log=log)
     results = tuner.fit()
     if board is not None:
         ray.kill(board)

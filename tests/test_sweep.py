@@ -317,22 +317,12 @@ def test_cv_trial_reports_mean_std_and_every_fold(ray_session, tmp_path):
 # A sweep driver killed after a trial finished: --resume finishes it without re-running that trial
 
 
-def _terminated_trials(sweep_dir: Path) -> set[str]:
-    done = set()
-    for state in sweep_dir.glob("experiment_state-*.json"):
-        try:
-            trials = json.loads(state.read_text())["trial_data"]
-        except (ValueError, KeyError):
-            continue  # caught mid-write
-        done |= {t["trial_id"] for t in (json.loads(raw) for raw, _ in trials) if t["status"] == "TERMINATED"}
-    return done
-
-
 def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     import os
     import subprocess
     import sys
 
+    from chaos import terminated_trials
     from ray_heads import kill_driver_when
 
     config = tmp_path / "resumable.yaml"
@@ -341,9 +331,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
                                       "tune": {"space": {"optim.lr": {"grid": [0.002, 0.004, 0.008]}}, "num_samples": 1}}))
     sweep_dir = tmp_path / "runs" / "resumable"
     command = [sys.executable, "-m", "raytrain_kit", "tune", str(config)]
-    kill_driver_when(command, done=lambda: bool(_terminated_trials(sweep_dir)), cwd=REPO, poll_s=0.2)
+    kill_driver_when(command, done=lambda: bool(terminated_trials(sweep_dir)), cwd=REPO, poll_s=0.2)
     time.sleep(3)  # Ray's actor processes outlive their raylet by a moment
-    finished_before = _terminated_trials(sweep_dir)
+    finished_before = terminated_trials(sweep_dir)
     assert 1 <= len(finished_before) < 3, "the driver died too late to test a resume"
     runs_before = {p.name: (p / "summary.json").stat().st_mtime_ns
                    for p in (sweep_dir / "runs").iterdir() if p.name.split("_attempt")[0] in finished_before}
@@ -363,6 +353,23 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     assert {name: (sweep_dir / "runs" / name / "summary.json").stat().st_mtime_ns for name in runs_before} == runs_before
     resumed_lines = [line for line in resumed.stdout.splitlines() if line.startswith("trial ")]
     assert len(resumed_lines) == 3 - len(finished_before)
+
+
+def test_a_sweep_killed_before_tune_saved_its_state_has_none_to_restore(tmp_path):
+    """`tune --resume` restores only with Tune's tuner and an experiment state file; without the
+    latter Tune logs a traceback and starts afresh, so the kit starts afresh itself, quietly."""
+    import pickle
+
+    from raytrain_kit.sweep import has_tune_state
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "config.yaml").write_text("run: {name: sweep}\n")  # what the kit writes before Tune starts
+    assert not has_tune_state(str(sweep))
+    (sweep / "tuner.pkl").write_bytes(pickle.dumps({"param_space": {"lr": 0.1}}))
+    assert not has_tune_state(str(sweep))
+    (sweep / "experiment_state-2026-12-01_06-32-17.json").write_text(json.dumps({"trial_data": []}))
+    assert has_tune_state(str(sweep))
 
 
 def test_a_sweep_state_cut_short_by_a_crash_resumes_from_the_last_whole_one_or_says_what_to_do(tmp_path):
