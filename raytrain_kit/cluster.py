@@ -71,6 +71,8 @@ def connect(address: Optional[str] = None, *, verbose: bool = False, state_api: 
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    if not verbose:  # Tune logs a failed trial's whole traceback; the sweep prints it as one line
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     preload.join()
     _ray_ready_at = time.time()
     return not (address or os.environ.get("RAY_ADDRESS"))

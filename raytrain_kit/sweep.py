@@ -36,6 +36,7 @@ from raytrain_kit.tracking import check_tracking, end_mlflow_run, start_mlflow_r
 TRIALS_CSV, TRIALS_PARQUET, HISTORY_PARQUET, BEST_YAML = "trials.csv", "trials.parquet", "history.parquet", "best.yaml"
 SWEEP_JSON = "sweep.json"  # the sweep's summary: metric, best trial and value, trials, wall time
 POINTER_FILE = "train_checkpoints.json"
+TUNER_PKL, TUNER_COPY = "tuner.pkl", "tuner.pkl.whole"  # Tune's pickled Tuner, and the kit's copy of it
 # Each trial's driver only waits on its Train runs: it reserves memory, never a CPU, so the CPUs
 # stay whole for training workers (a fractional CPU per trial driver leaves the last trial's
 # workers a fraction short, and they wait forever). Every Ray node has the memory resource.
@@ -385,7 +386,8 @@ class TrialTrainable(tune.Trainable):
         (Path(checkpoint_dir) / POINTER_FILE).write_text(json.dumps({"checkpoints": self.latest or self.starts}))
 
     def load_checkpoint(self, checkpoint_dir: str) -> None:
-        self.starts = json.loads((Path(checkpoint_dir) / POINTER_FILE).read_text())["checkpoints"]
+        pointed = json.loads((Path(checkpoint_dir) / POINTER_FILE).read_text())["checkpoints"]
+        self.starts = [kept_checkpoint(path) for path in pointed] if pointed else pointed
 
     def _end(self) -> None:
         """Stop this trial's runs: in-process ones write their summaries ("stopped" when epochs are
@@ -402,6 +404,18 @@ class TrialTrainable(tune.Trainable):
 
     def cleanup(self) -> None:
         self._end()
+
+
+def kept_checkpoint(path: Optional[str]) -> Optional[str]:
+    """The Train checkpoint Tune saved for a trial, or, if it is gone, the next one its run kept:
+    a trial's process outlives its killed sweep driver by a second or two, training on and
+    pruning (`checkpoint.keep`) the checkpoint Tune last saw. None if the run kept none."""
+    if path is None or launch.path_exists(path):
+        return path
+    run, _, name = path.rpartition("/")
+    kept = launch.checkpoint_dirs(run)
+    later = sorted(e for e in kept if e > int(name.rsplit("_", 1)[1]))
+    return kept[later[0]] if later else kept[max(kept)] if kept else None
 
 
 def _run_name(trial_id: str, fold: int, num_folds: int, attempt: int) -> str:
@@ -532,15 +546,23 @@ def has_tune_state(directory: str) -> bool:
     return any(i.base_name.startswith("experiment_state-") for i in fs.get_file_info(pafs.FileSelector(path)))
 
 
+def keep_tuner_copy(directory: str) -> None:
+    """Tune writes `tuner.pkl` in place each time a sweep starts or resumes: a copy taken once it
+    is whole (written atomically) lets a resume recover from a kill in the middle of that write."""
+    from raytrain_kit.storage import read_run_file, write_run_file
+
+    write_run_file(directory, TUNER_COPY, read_run_file(directory, TUNER_PKL))
+
+
 def check_sweep_state(directory: str, *, log: Callable[[str], None]) -> None:
     """Before `tune --resume`: Tune writes its state files in place (no temp file and rename), so
     a sweep killed while writing leaves one empty or cut short, and `Tuner.restore` would end in
     an EOFError or a JSON error. Each session writes its own `<kind>-state-<time>` files (the
     experiment's, the searcher's): the newest one cut short gives way to an older one (renamed
     `*.damaged`; trials finished since are trained again, and the log says so); with none older,
-    or a damaged `tuner.pkl`, a ConfigError names the file and what to do. A pickle (whatever
-    its extension: the basic-variant searcher's "json" is one) is whole when it ends with its
-    STOP opcode (b"."); JSON when it parses."""
+    or a damaged `tuner.pkl` without the kit's whole copy (`keep_tuner_copy`), a ConfigError names
+    the file and what to do. A pickle (whatever its extension: the basic-variant searcher's
+    "json" is one) is whole when it ends with its STOP opcode (b"."); JSON when it parses."""
     import re
 
     import pyarrow.fs as pafs
@@ -566,8 +588,11 @@ def check_sweep_state(directory: str, *, log: Callable[[str], None]) -> None:
                            f"wrote it), so Tune cannot resume the sweep; start it again with --set run.name=<new name> "
                            f"(each finished trial's run stays under {directory}/runs)")
 
-    if "tuner.pkl" in names and not whole("tuner.pkl"):
-        raise refuse("tuner.pkl")
+    if TUNER_PKL in names and not whole(TUNER_PKL):
+        if TUNER_COPY not in names or not whole(TUNER_COPY):
+            raise refuse(TUNER_PKL)
+        fs.copy_file(f"{path}/{TUNER_COPY}", f"{path}/{TUNER_PKL}")
+        log(f"resume: {TUNER_PKL} was cut short by the crash; restored from the copy the sweep kept ({TUNER_COPY})")
     families: dict[tuple[str, str], list[str]] = {}
     for name in names:  # sorted: each family oldest first
         match = re.fullmatch(r"(.+[-_]state)-\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d\.(json|pkl)", name)
@@ -630,6 +655,7 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
                              mlflow_parent=mlflow_parent),
         plan.trial_resources())
     tuner = build_tuner(cfg, trainable, plan=plan, resume=restore, board_name=board_name, log=log)
+    keep_tuner_copy(directory)  # Tune has written tuner.pkl whole by now
     results = tuner.fit()
     if board is not None:
         ray.kill(board)

@@ -404,3 +404,27 @@ def test_a_sweep_state_cut_short_by_a_crash_resumes_from_the_last_whole_one_or_s
     (sweep / "tuner.pkl").write_bytes(pickle.dumps({"param_space": {"lr": 0.1}})[:-3])
     with pytest.raises(ConfigError, match=r"tuner.pkl is empty or cut short"):
         check_sweep_state(str(sweep), log=lines.append)
+    # Tune rewrites tuner.pkl in place at every start; the copy the kit keeps of it stands in.
+    (sweep / "tuner.pkl.whole").write_bytes(pickle.dumps({"param_space": {"lr": 0.1}}))
+    (sweep / "tuner.pkl").write_bytes(b"")
+    check_sweep_state(str(sweep), log=lines.append)
+    assert lines[-1] == "resume: tuner.pkl was cut short by the crash; restored from the copy the sweep kept (tuner.pkl.whole)"
+    assert pickle.loads((sweep / "tuner.pkl").read_bytes()) == {"param_space": {"lr": 0.1}}
+
+
+def test_a_trial_resumes_from_the_checkpoint_tune_saved_or_the_next_one_its_run_kept(tmp_path):
+    """A trial's process outlives its killed driver by a second or two, training on and pruning
+    the checkpoint Tune last saw (a newcomer's sweep then failed the trial: model.pt not found)."""
+    from raytrain_kit.sweep import kept_checkpoint
+
+    run = tmp_path / "runs" / "90de8_00002"
+    for epoch in (8, 9):
+        (run / f"checkpoint_epoch_{epoch:04d}").mkdir(parents=True)
+        (run / f"checkpoint_epoch_{epoch:04d}" / "model.pt").write_bytes(b"weights")
+    (run / "checkpoint_epoch_0010").mkdir()  # being written when the process died: never registered
+    (run / "checkpoint_epoch_0010" / "model.pt").write_bytes(b"weights")
+    (run / "checkpoints.json").write_text(json.dumps({"checkpoints": ["checkpoint_epoch_0008", "checkpoint_epoch_0009"]}))
+    assert kept_checkpoint(f"{run}/checkpoint_epoch_0007") == f"{run}/checkpoint_epoch_0008"  # pruned: the next kept
+    assert kept_checkpoint(f"{run}/checkpoint_epoch_0009") == f"{run}/checkpoint_epoch_0009"  # still there
+    assert kept_checkpoint(None) is None
+    assert kept_checkpoint(f"{tmp_path}/runs/other/checkpoint_epoch_0003") is None  # its run kept none
