@@ -149,6 +149,7 @@ def test_a_run_killed_ten_times_keeps_each_epoch_once_and_ends_as_the_uninterrup
     run_dir = tmp_path / "runs" / "chaos"
     command = [sys.executable, "-m", "raytrain_kit", "train", str(config)]
     driver = Driver(command, REPO)
+    drivers = [driver]
     done: list[Kill] = []
     resumed: list[tuple[Driver, int]] = []  # each --resume, and the epoch its reconciliation found
     try:
@@ -162,6 +163,7 @@ def test_a_run_killed_ten_times_keeps_each_epoch_once_and_ends_as_the_uninterrup
                 driver.kill_group()
                 _assert_never_twice(run_dir, mlruns)
                 driver = Driver([*command, "--resume"], REPO)
+                drivers.append(driver)
                 line = first_line(driver, "resume:")
                 last = _assert_exactly_once(run_dir, mlruns, steps_per_epoch=steps_per_epoch)
                 assert line == (f"resume: from epoch {last}'s checkpoint" if last else
@@ -179,6 +181,7 @@ def test_a_run_killed_ten_times_keeps_each_epoch_once_and_ends_as_the_uninterrup
     print(f"chaos: {len(done)} kills: {sum(k.target == 'worker' for k in done)} of a worker, "
           f"{sum(k.target == 'driver' for k in done)} of the driver; moments {[k.moment for k in done]}")
     assert len(done) == len(schedule) == 10, f"the run finished after {len(done)} kills"
+    assert not [line for d in drivers for line in d.output if "Traceback" in line or "ERROR" in line]
     assert _assert_exactly_once(run_dir, mlruns, steps_per_epoch=steps_per_epoch) == EPOCHS
     for resumed_driver, last in resumed:  # each trained on right after its checkpoint
         epochs = [int(line.split()[1].split("/")[0]) for line in resumed_driver.output if line.startswith("epoch ")]
@@ -238,6 +241,7 @@ def test_a_sweep_killed_at_random_moments_resumes_each_time_and_runs_each_trial_
     sweep_dir = tmp_path / "runs" / "sweep"
     command = [sys.executable, "-m", "raytrain_kit", "tune", str(config)]
     driver = Driver(command, REPO)
+    drivers = [driver]
     finished: dict[str, set[str]] = {}  # trial -> its run directories when Tune recorded it finished
     stamps: dict[str, int] = {}
     done = 0
@@ -254,11 +258,13 @@ def test_a_sweep_killed_at_random_moments_resumes_each_time_and_runs_each_trial_
                 finished[trial] = {name for name in runs if name.startswith(trial)}
                 stamps.update({name: runs[name] for name in finished[trial]})
             driver = Driver([*command, "--resume"], REPO)
+            drivers.append(driver)
         assert driver.finish() == 0, "\n".join(driver.output[-30:])
     finally:
         if driver.alive():
             driver.kill_group()
 
+    assert not [line for d in drivers for line in d.output if "Traceback" in line or "ERROR" in line]
     print(f"sweep chaos: {done} kills of the driver; {len(finished)} trials finished before a kill")
     assert done == len(schedule), f"the sweep finished after {done} kills"
     table = pd.read_csv(sweep_dir / "trials.csv")
