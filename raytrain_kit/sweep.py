@@ -546,6 +546,22 @@ def has_tune_state(directory: str) -> bool:
     return any(i.base_name.startswith("experiment_state-") for i in fs.get_file_info(pafs.FileSelector(path)))
 
 
+def describe_sweep_state(directory: str) -> str:
+    """The resume line: how many trials Tune's newest state file (whole, after
+    `check_sweep_state`) records as finished, and how many continue."""
+    import pyarrow.fs as pafs
+
+    from raytrain_kit.storage import filesystem, read_run_file
+
+    fs, path = filesystem(directory)
+    newest = max(i.base_name for i in fs.get_file_info(pafs.FileSelector(path))
+                 if i.base_name.startswith("experiment_state-") and i.base_name.endswith(".json"))
+    trials = [json.loads(raw) for raw, _ in json.loads(read_run_file(directory, newest))["trial_data"]]
+    finished = sum(t["status"] == "TERMINATED" for t in trials)
+    return (f"resume: {finished} trial(s) finished, kept as they are; {len(trials) - finished} continue from their "
+            f"latest checkpoints (in new runs, <trial>_attemptN); any not yet started follow")
+
+
 def keep_tuner_copy(directory: str) -> None:
     """Tune writes `tuner.pkl` in place each time a sweep starts or resumes: a copy taken once it
     is whole (written atomically) lets a resume recover from a kill in the middle of that write."""
@@ -630,6 +646,7 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
         log(f"resume: sweep {cfg.run.name!r} was stopped before Tune saved its state; starting it from the beginning")
     if restore:
         check_sweep_state(directory, log=log)
+        log(describe_sweep_state(directory))
     plan = plan_resources(cfg, ray.cluster_resources(), can_grow=not launch.started_embedded_ray())
     launch.check_shared_storage(cfg)
     data = prepare_trial_data(cfg, plan, log=log)

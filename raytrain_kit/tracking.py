@@ -210,8 +210,6 @@ class RunRecorder:
         for h in history:
             row = scalar_metrics(h)
             self._write_epoch(row, by_epoch.get(int(row["epoch"]), []), {})
-        if self.writer is not None:  # on disk now, not up to flush_secs later: the records agree from here
-            self.writer.flush()
 
     def _write_epoch(self, row: dict, steps: list[dict], histograms: dict) -> None:
         """One epoch into TensorBoard and MLflow, skipping any (tag, step) they already hold."""

@@ -372,6 +372,20 @@ def test_a_sweep_killed_before_tune_saved_its_state_has_none_to_restore(tmp_path
     assert has_tune_state(str(sweep))
 
 
+def test_a_resumed_sweep_says_how_many_trials_it_keeps_and_continues(tmp_path):
+    from raytrain_kit.sweep import describe_sweep_state
+
+    def state(*statuses):  # Tune's layout: [trial JSON, runtime metadata] per trial
+        return json.dumps({"trial_data": [[json.dumps({"trial_id": f"t{i}", "status": s}), "{}"]
+                                          for i, s in enumerate(statuses)]})
+
+    (tmp_path / "experiment_state-2026-12-01_06-32-17.json").write_text(state("TERMINATED"))
+    (tmp_path / "experiment_state-2026-12-01_06-40-02.json").write_text(state("TERMINATED", "TERMINATED", "RUNNING", "PENDING"))
+    assert describe_sweep_state(str(tmp_path)) == (
+        "resume: 2 trial(s) finished, kept as they are; 2 continue from their latest checkpoints (in new runs, "
+        "<trial>_attemptN); any not yet started follow")
+
+
 def test_a_sweep_state_cut_short_by_a_crash_resumes_from_the_last_whole_one_or_says_what_to_do(tmp_path):
     """Tune writes its state files in place: a sweep killed mid-write left one empty or cut short,
     and `tune --resume` ended in an EOFError (upstream reports). Real files as Tune lays them out."""
