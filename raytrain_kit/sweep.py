@@ -624,15 +624,10 @@ def check_sweep_state(directory: str, *, log: Callable[[str], None]) -> None:
                 "since it was written are trained again)")
 
 
-def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], None] = lambda line: None) -> dict:
-    """Run (or continue) the sweep; writes its outputs and returns a summary. Raises KitError."""
-    assert cfg.tune is not None, "the CLI refuses a config without a tune section"
-    if not ray.is_initialized():  # called from a script: the Ray `raytrain-kit tune` would start
-        from raytrain_kit.cluster import connect
-
-        connect(state_api=not cfg.scaling.single_process)
-    started = time.perf_counter()
-    directory = launch.run_dir(cfg)
+def decide_restore(cfg: Experiment, directory: str, *, resume: bool, log: Callable[[str], None]) -> bool:
+    """Whether Tune restores the sweep in `directory` (its state checked and described in the
+    log) or starts it; raises ConfigError for a new sweep over an existing one, or a resume of
+    none."""
     exists = launch.path_exists(directory)
     if exists and not resume:
         raise ConfigError(f"run.name: sweep {cfg.run.name!r} already exists at {directory}; pass --resume to continue "
@@ -647,6 +642,19 @@ def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], Non
     if restore:
         check_sweep_state(directory, log=log)
         log(describe_sweep_state(directory))
+    return restore
+
+
+def run_sweep(cfg: Experiment, *, resume: bool = False, log: Callable[[str], None] = lambda line: None) -> dict:
+    """Run (or continue) the sweep; writes its outputs and returns a summary. Raises KitError."""
+    assert cfg.tune is not None, "the CLI refuses a config without a tune section"
+    if not ray.is_initialized():  # called from a script: the Ray `raytrain-kit tune` would start
+        from raytrain_kit.cluster import connect
+
+        connect(state_api=not cfg.scaling.single_process)
+    started = time.perf_counter()
+    directory = launch.run_dir(cfg)
+    restore = decide_restore(cfg, directory, resume=resume, log=log)
     plan = plan_resources(cfg, ray.cluster_resources(), can_grow=not launch.started_embedded_ray())
     launch.check_shared_storage(cfg)
     data = prepare_trial_data(cfg, plan, log=log)
