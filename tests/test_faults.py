@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import yaml
+from chaos import registered
 from ray_heads import kill_driver_when
 
 from raytrain_kit.config import build_experiment
@@ -32,13 +33,6 @@ def _alive_worker_pids() -> list[int]:
     return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
 
 
-def _registered(run_dir: Path) -> set[str]:
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
-        return set()
-    return {r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]}
-
-
 def test_worker_killed_mid_epoch_run_finishes_from_checkpoint(ray_session, storage):
     cfg = build_experiment({**SLOW, "run": {"name": "worker-kill", "storage_path": storage}})
     run_dir = Path(storage) / "worker-kill"
@@ -46,7 +40,7 @@ def test_worker_killed_mid_epoch_run_finishes_from_checkpoint(ray_session, stora
 
     def kill_one_worker_in_epoch_2():
         deadline = time.time() + 240
-        while time.time() < deadline and "checkpoint_epoch_0001" not in _registered(run_dir):
+        while time.time() < deadline and "checkpoint_epoch_0001" not in registered(run_dir):
             time.sleep(0.1)
         time.sleep(0.3)  # into the second epoch
         pids = _alive_worker_pids()
@@ -67,7 +61,7 @@ def test_worker_killed_mid_epoch_run_finishes_from_checkpoint(ray_session, stora
     assert sorted(set(reported)) == [1, 2, 3] and len(reported) - len(set(reported)) <= 1  # at most one redone
     assert killed[0] not in _alive_worker_pids()  # a new worker group did the rest
     on_disk = {p.name for p in run_dir.glob("checkpoint_epoch_*")}
-    assert on_disk == _registered(run_dir) == {f"checkpoint_epoch_{e:04d}" for e in (1, 2, 3)}
+    assert on_disk == registered(run_dir) == {f"checkpoint_epoch_{e:04d}" for e in (1, 2, 3)}
     assert summary["final_metrics"]["val_accuracy"] > 0.5
     _assert_records_hold_each_epoch_once(run_dir, summary)
 
@@ -83,7 +77,7 @@ def test_driver_killed_after_second_checkpoint_resumes(tmp_path):
     run_dir = tmp_path / "runs" / "driver"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "raytrain_kit", "train", str(config)]
-    kill_driver_when(command, done=lambda: "checkpoint_epoch_0002" in _registered(run_dir), cwd=REPO)
+    kill_driver_when(command, done=lambda: "checkpoint_epoch_0002" in registered(run_dir), cwd=REPO)
     # Ray's actor processes outlive their dead raylet by a moment and may still register the
     # checkpoint in flight: read the run's state once it has stopped changing.
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
@@ -91,7 +85,7 @@ def test_driver_killed_after_second_checkpoint_resumes(tmp_path):
     while stamp != snapshot.stat().st_mtime_ns:
         stamp = snapshot.stat().st_mtime_ns
         time.sleep(3)
-    checkpointed = max(int(n.rsplit("_", 1)[1]) for n in _registered(run_dir))
+    checkpointed = max(int(n.rsplit("_", 1)[1]) for n in registered(run_dir))
     assert 2 <= checkpointed < 8, "the driver died too late to test a resume"
 
     resumed = subprocess.run([*command, "--resume"], cwd=REPO, env=env, capture_output=True, text=True,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from chaos import registered
 from records import tensorboard_points
 
 from raytrain_kit.config import build_experiment, with_overrides
@@ -32,13 +33,6 @@ def _config(tmp_path: Path, name: str, *, fail_at_step) -> object:
         "checkpoint": {"every_epochs": 1, "keep": 5}, "preflight": {"enabled": False},
         "tracking": {"mlflow_uri": f"file:{tmp_path / 'mlruns'}", "mlflow_experiment": "crashes"},
         "run": {"name": name, "storage_path": str(tmp_path / "runs")}})
-
-
-def _registered(run_dir: Path) -> set[str]:
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    if not snapshot.exists():
-        return set()
-    return {r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]}
 
 
 def _mlflow_runs(tmp_path: Path) -> list:
@@ -84,7 +78,7 @@ def test_records_lost_after_a_checkpointed_report_are_rebuilt_from_the_checkpoin
     run_dir = tmp_path / "runs" / "lost-report"
     with pytest.raises(RunError, match="injected failure at training step 11"):
         fit(cfg)
-    assert _registered(run_dir) == {"checkpoint_epoch_0001"}
+    assert registered(run_dir) == {"checkpoint_epoch_0001"}
     # The state a lost report leaves: epoch 1's rows never written, its TensorBoard points with them.
     pd.read_csv(run_dir / "metrics.csv").query("epoch > 1").to_csv(run_dir / "metrics.csv", index=False)
     pd.read_csv(run_dir / "steps.csv").query("epoch > 1").to_csv(run_dir / "steps.csv", index=False)
@@ -103,7 +97,7 @@ def test_a_checkpoint_never_registered_is_removed_and_never_named(ray_session, t
     run_dir = tmp_path / "runs" / "unregistered"
     with pytest.raises(RunError):
         fit(cfg)
-    assert _registered(run_dir) == set()
+    assert registered(run_dir) == set()
     # What a worker killed in the middle of its upload leaves: part of a checkpoint, never registered.
     orphan = run_dir / "checkpoint_epoch_0001"
     orphan.mkdir()
@@ -121,7 +115,7 @@ def test_a_checkpoint_never_registered_is_removed_and_never_named(ray_session, t
     summary = fit(with_overrides(cfg, {"model.kwargs.fail_at_step": None}), resume=True)
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3] and summary["status"] == "finished"
     on_disk = {p.name for p in run_dir.glob("checkpoint_epoch_*")}
-    assert _registered(run_dir) == on_disk == {f"checkpoint_epoch_{e:04d}" for e in (1, 2, 3)}
+    assert registered(run_dir) == on_disk == {f"checkpoint_epoch_{e:04d}" for e in (1, 2, 3)}
     assert Path(summary["checkpoint"]).name in on_disk  # the best epoch's, registered
     assert pd.read_csv(run_dir / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
     assert len(_mlflow_runs(tmp_path)) == 1  # one kit run, across its two resumes
@@ -161,7 +155,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_latest_checkpoint(ra
         "there), then run the same command with --resume"), err
     assert "Traceback" not in err
     on_disk = {p.name for p in run_dir.glob("checkpoint_epoch_*")}
-    assert on_disk == _registered(run_dir) and 1 <= len(on_disk) < 6
+    assert on_disk == registered(run_dir) and 1 <= len(on_disk) < 6
     latest = run_dir / max(on_disk)
     assert torch.load(latest / "model.pt", weights_only=True)  # whole, loadable
     assert json.loads((latest / "history.json").read_text())[-1]["epoch"] == int(max(on_disk).rsplit("_", 1)[1])
