@@ -257,7 +257,8 @@ def ingest(quick: bool, work: str) -> dict:
     import ray
     import torch
 
-    from raytrain_kit.data import _finish, _pack
+    from raytrain_kit.data.build import _finish
+    from raytrain_kit.data.stats import _pack
 
     num_rows = sizes(quick)["mlp_rows"]
     folder = Path(work) / "ingest"
