@@ -257,7 +257,7 @@ def ingest(quick: bool, work: str) -> dict:
     import ray
     import torch
 
-    from raytrain_kit.data.build import _finish
+    from raytrain_kit.data.encode import encode_batch
     from raytrain_kit.data.stats import _pack
 
     num_rows = sizes(quick)["mlp_rows"]
@@ -270,11 +270,13 @@ def ingest(quick: bool, work: str) -> dict:
     for i, part in enumerate(np.array_split(np.arange(num_rows), 8)):
         frame.iloc[part].to_parquet(folder / f"part{i}.parquet")
     features = [f"f{i}" for i in range(plain.MLP_FEATURES)]
+    UNFITTED = {"numeric": features, "pivot": None, "impute_numeric": None, "categorical": [], "classes": None}
 
     def read_once() -> float:
         ds = (ray.data.read_parquet(str(folder))
-              .map_batches(_pack, batch_format="pandas", fn_kwargs=dict(features=features, label="label"))
-              .map_batches(_finish, batch_format="numpy", fn_kwargs=dict(pivot=None, offset=None, std=None, classification=True)))
+              .map_batches(_pack, batch_format="pandas", fn_kwargs=dict(numeric=features, categorical=[], label="label",
+                                                                      label_is_text=False))
+              .map_batches(encode_batch, batch_format="numpy", fn_kwargs=dict(prep=UNFITTED, classification=True)))
         started, rows = time.perf_counter(), 0
         for batch in ds.iter_torch_batches(batch_size=256, dtypes={"x": torch.float32, "y": torch.int64}):
             rows += len(batch["y"])

@@ -2,7 +2,9 @@
 
 A checkpoint directory holds `train_state.pt` (scheduler, epoch, step), `history.json` (every
 epoch's metrics so far), `steps.json` (every optimizer step's loss so far, and the first epoch
-this run trained itself: the run's records are rebuilt from these two after a crash) and one `rng_rank{r}.pt` per worker, so a resumed run draws the same
+this run trained itself: the run's records are rebuilt from these two after a crash),
+`data.json` (the data spec with the preprocessing fitted on the training split, which a resumed
+run and `export` reuse), `confusion.json` (classification: the epoch's validation confusion) and one `rng_rank{r}.pt` per worker, so a resumed run draws the same
 dropout masks as an uninterrupted one. The model and optimizer are stored in one of two ways:
 
 - strategy ddp: `model.pt`, the plain, unwrapped `state_dict` (loadable by
@@ -35,6 +37,8 @@ MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 HISTORY_FILE = "history.json"
 STEPS_FILE = "steps.json"  # {"first_epoch": n, "steps": [[epoch, step, train_loss], ...]}
+DATA_FILE = "data.json"  # the run's DataSpec with its fitted preprocessing (data/encode.py)
+CONFUSION_FILE = "confusion.json"  # classification: the epoch's validation confusion counts (rows: true class)
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint of {"model": ..., "optimizer": ...}
 
 
@@ -85,8 +89,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def write_checkpoint(directory: Path, *, rank: int, model_state: dict | None, train_state: dict | None,
-                     history: list | None, steps: dict | None = None) -> None:
-    """Write this rank's part of a checkpoint; rank 0 passes the run-level parts."""
+                     history: list | None, steps: dict | None = None, records: dict | None = None) -> None:
+    """Write this rank's part of a checkpoint; rank 0 passes the run-level parts (`records`:
+    more JSON files by name; a None value is not written)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if model_state is not None:
@@ -97,6 +102,9 @@ def write_checkpoint(directory: Path, *, rank: int, model_state: dict | None, tr
         save_json(history, directory / HISTORY_FILE)
     if steps is not None:
         save_json(steps, directory / STEPS_FILE)
+    for name, record in (records or {}).items():
+        if record is not None:
+            save_json(record, directory / name)
     save_torch(rng_state(), directory / _rng_file(rank))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from typing import Iterator, Optional, Sequence
 
@@ -227,10 +228,12 @@ def _run(args) -> int:
                 print(path)
             return 0
         if args.command == "export":
-            from raytrain_kit.launch import export_run
+            from raytrain_kit.launch import export_run, exported_data_path
 
             used, num_parameters = export_run(args.directory, args.out, epoch=args.epoch)
             print(f"wrote {args.out}: {num_parameters:,} parameters from {used}")
+            if os.path.exists(exported_data_path(os.path.abspath(args.out))):
+                print(f"wrote {exported_data_path(args.out)}: its data spec and the preprocessing fitted on the training split")
             return 0
         if args.command == "check":
             return _check(args)

@@ -33,7 +33,7 @@ class DataConfig(_Section):
     features: Optional[list[str]] = None
     """Feature columns, in order; omitted means every column except the label."""
     label: str = "label"
-    """Label column: class index in [0, num_classes) for classification, a number for regression."""
+    """Label column. Classification: class indices 0..k-1 are used as they are; any other labels (names such as 'setosa', or numbers such as {1, 2} or {-1, 1}) are classes numbered in sorted order by an encoder fitted on the training split, and their names are kept in the run. Regression: a number."""
     task: Literal["classification", "regression"] = "classification"
     """Cross-entropy with accuracy, or mean squared error."""
     num_classes: Optional[int] = Field(default=None, ge=0)
@@ -52,6 +52,14 @@ class DataConfig(_Section):
     """Scale each feature to zero mean and unit variance with statistics of the training split."""
     shuffle: bool = True
     """Reshuffle each worker's training shard every epoch (seeded by train.seed and the epoch)."""
+    categorical: Optional[list[str]] = None
+    """Feature columns to one-hot encode; omitted means every string column. List integer or boolean columns (codes, ids) here to encode them too."""
+    max_categories: int = Field(default=20, ge=1)
+    """Categorical columns: one indicator feature for each of the most frequent values in the training split, up to this many (ties: the smaller value first)."""
+    other_category: bool = True
+    """Categorical columns: one more indicator, '<other>', for the values beyond max_categories and those the training split lacks. False: a column with more training values than max_categories is an error, and an unseen value encodes as all zeros."""
+    missing: Literal["error", "drop", "impute"] = "error"
+    """Missing values (empty, NA, NaN) in features: an error naming each column; drop the rows that hold any; or impute them from the training split (numeric: the mean; categorical: the most frequent value). A missing label is an error unless rows are dropped."""
     in_memory: bool = True
     """Materialize the prepared data once and keep each worker's shard in its memory; turn off for shards larger than a worker's memory (then every epoch streams from Ray Data)."""
 

@@ -31,7 +31,8 @@ from raytrain_kit import checkpoint as ckpt
 from raytrain_kit import cluster
 from raytrain_kit.cluster import connect, started_embedded_ray
 from raytrain_kit.config import Experiment, to_yaml
-from raytrain_kit.data import DataSpec, build_datasets, describe_constant_features, spec_to_dict, split_for_workers
+from raytrain_kit.data import (DataSpec, build_datasets, describe_constant_features, describe_preprocessing, spec_to_dict,
+                               split_for_workers)
 from raytrain_kit.errors import ConfigError, KitError, RunError, short_message, traceback_text
 from raytrain_kit.models import build_model
 from raytrain_kit.parallel import check_blocks, is_sharded
@@ -357,6 +358,16 @@ def summarize(cfg: Experiment, history: list[dict], *, status: str, error: Optio
     }
 
 
+def data_summary(spec: DataSpec, *, checkpoint: Optional[str]) -> dict:
+    """What summary.json says about the data: the class names (in index order), what the
+    preprocessing dropped or imputed, and the summary checkpoint's validation confusion counts."""
+    prep = spec.preprocessing
+    return {"classes": list(spec.classes),
+            "data": {"rows_dropped": prep.get("rows_dropped", 0), "cells_imputed": prep.get("imputed", {}),
+                     "features": list(spec.feature_names)},
+            "confusion": checkpoint_record(checkpoint, ckpt.CONFUSION_FILE) if spec.classes else None}
+
+
 @dataclass
 class TrialLink:
     """The sweep-only side of a run: what ties it to the sweep trial that runs it."""
@@ -434,10 +445,15 @@ def open_run(cfg: Experiment, *, resume: bool, datasets_and_spec: Optional[tuple
     if link is None:
         check_shared_storage(cfg)
         check_tracking(cfg)
-    datasets, spec = datasets_and_spec or build_datasets(cfg)
-    constant = describe_constant_features(spec) if datasets_and_spec is None else None  # a sweep's driver said it once
-    if constant:
-        log(constant)
+    fitted = checkpoint_preprocessing(directory) if resume and not datasets_and_spec else None
+    datasets, spec = datasets_and_spec or build_datasets(cfg, fitted=fitted)
+    if datasets_and_spec is None:  # a sweep's driver said these once
+        for line in (describe_preprocessing(spec.preprocessing, num_dropped=spec.preprocessing.get("rows_dropped", 0)),
+                     describe_constant_features(spec)):
+            if line:
+                log(line)
+        if fitted:
+            log("resume: the data is transformed as the run's checkpoint was (its fitted preprocessing)")
     check_streaming_resources(cfg, datasets)
     startup["datasets_built"] = time.time()
     check_model_builds(cfg, spec)
@@ -478,6 +494,7 @@ def close_run(run: _OpenRun, *, error: Optional[list[str]], details: str = "", a
     summary = summarize(cfg, history, status=status, error="; ".join(error) if error else None,
                         wall_s=time.perf_counter() - run.started)
     summary["startup"] = startup_seconds(run.startup)
+    summary.update(data_summary(run.spec, checkpoint=summary["checkpoint"]))
     try:
         write_run_file(directory, SUMMARY_FILE, json.dumps(summary, indent=1, default=str))
     except OSError as e:
@@ -637,6 +654,26 @@ def checkpoint_dirs(directory: str) -> dict[int, str]:
     return {int(n.rsplit("_", 1)[1]): f"{directory}/{n}" for n in names if n in registered}
 
 
+def checkpoint_preprocessing(directory: str) -> Optional[dict]:
+    """The preprocessing the run's latest registered checkpoint was trained with (its data.json),
+    or None (no checkpoint yet, or one from before it was kept)."""
+    import json
+
+    kept = checkpoint_dirs(directory)
+    if not kept or not path_exists(f"{kept[max(kept)]}/{ckpt.DATA_FILE}"):
+        return None
+    return json.loads(read_run_file(kept[max(kept)], ckpt.DATA_FILE)).get("preprocessing") or None
+
+
+def checkpoint_record(checkpoint: Optional[str], name: str) -> Optional[object]:
+    """A JSON record kept in a checkpoint (data.json, confusion.json), or None."""
+    import json
+
+    if not checkpoint or not path_exists(f"{checkpoint}/{name}"):
+        return None
+    return json.loads(read_run_file(checkpoint, name))
+
+
 def remove_orphan_checkpoints(directory: str) -> list[str]:
     """A checkpoint uploaded while a worker died is never registered (its epoch is trained again);
     its directory would pass for a real checkpoint to anyone browsing the run: remove it, and any
@@ -652,11 +689,18 @@ def remove_orphan_checkpoints(directory: str) -> list[str]:
     return orphans
 
 
+def exported_data_path(out: str) -> str:
+    """Where `export` writes the data spec and fitted preprocessing beside the model file `out`."""
+    return os.path.splitext(out)[0] + ".data.json"
+
+
 def export_run(directory: str, out: str, *, epoch: Optional[int] = None) -> tuple[str, int]:
     """Write the model of a run's checkpoint to `out` as a plain `state_dict` (loadable with
     `torch.load(..., weights_only=True)` into the model `build_model` returns): the summary's
     checkpoint (the best epoch's, if kept), else the latest, or `epoch`'s. Sharded checkpoints are
-    reassembled in this process. Returns (checkpoint used, number of parameters)."""
+    reassembled in this process. Beside it, `<out without extension>.data.json`: the data spec with
+    the preprocessing fitted on the training split (feature names, standardization, encoders,
+    class names). Returns (checkpoint used, number of parameters)."""
     import json
     import shutil
     import tempfile
@@ -689,6 +733,9 @@ def export_run(directory: str, out: str, *, epoch: Optional[int] = None) -> tupl
     out_path = os.path.abspath(out)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     ckpt.save_torch(state, out_path)
+    data = checkpoint_record(chosen, ckpt.DATA_FILE)
+    if data is not None:  # what a prediction must do to raw rows first, beside the weights
+        ckpt.save_json(data, Path(exported_data_path(out_path)))
     return chosen, sum(t.numel() for t in state.values() if t.is_floating_point())
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from raytrain_kit import checkpoint as ckpt
 from raytrain_kit import parallel
 from raytrain_kit.config import Experiment
-from raytrain_kit.data import DataSpec
+from raytrain_kit.data import DataSpec, spec_to_dict
 from raytrain_kit.models import build_model
 from raytrain_kit.optim import (build_optimizer, build_scheduler, current_lr, load_scheduler_state,
                                 scheduler_state)
@@ -80,6 +80,7 @@ class TrainState:
     step_rows: list = field(default_factory=list)  # [epoch, step, train_loss] of every step this run took
     first_epoch: int = 1  # the first epoch this run trained: later than 1 for a clone of another run's checkpoint
     num_nonfinite: int = 0
+    val_confusion: Optional[list] = None  # the last validation's confusion counts (classification)
     # Where the run is, for a failure record: the epoch and step being taken, the last epoch reported.
     position: dict = field(default_factory=lambda: {"epoch": None, "step": None, "reported": None})
 
@@ -299,7 +300,9 @@ def validate(state: TrainState, data) -> dict[str, float]:
         batches = parallel.lockstep(batches, dummy_x=torch.zeros((1, *state.spec.input_shape), device=state.device))
     # Under ddp the plain model: validation pieces may differ in length by a row, and DDP's
     # forward may hold collectives (buffer broadcasts) that every rank must join equally often.
-    val = evaluate(state.model, batches, classification=state.classification, precision=state.precision).all_reduce()
+    val = evaluate(state.model, batches, classification=state.classification, precision=state.precision,
+                   num_classes=state.spec.num_classes).all_reduce()
+    state.val_confusion = val.confusion_matrix()  # kept with the epoch's checkpoint (confusion.json)
     metrics = {"val_loss": val.loss / val.samples}
     if state.classification:
         metrics["val_accuracy"] = val.correct / val.samples
@@ -355,7 +358,9 @@ def write_checkpoint(state: TrainState, directory: Path) -> None:
     ckpt.write_checkpoint(directory, rank=state.rank,
                           model_state=state.model.state_dict() if rank0 and not state.sharded else None,
                           train_state=train_state if rank0 else None, history=state.history if rank0 else None,
-                          steps={"first_epoch": state.first_epoch, "steps": state.step_rows} if rank0 else None)
+                          steps={"first_epoch": state.first_epoch, "steps": state.step_rows} if rank0 else None,
+                          records={ckpt.DATA_FILE: spec_to_dict(state.spec), ckpt.CONFUSION_FILE: state.val_confusion}
+                          if rank0 else None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@
 - for a sweep: `sweep.png` (the metric against each searched value, a log axis for loguniform
   values, categories for choices, and the learning curves of the best trials) and
   `parallel.png` (parallel coordinates of the trials, coloured by the metric);
+- for a classification run, `confusion.png` (the validation confusion matrix of the summary's
+  checkpoint, with the class names on its axes);
 - `report.md`, which embeds them with a table of the top trials or the run's summary.
 """
 
@@ -15,12 +17,14 @@ from __future__ import annotations
 import io
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
 from raytrain_kit.storage import path_exists, read_run_file, write_run_file
 
 SWEEP_PNG, PARALLEL_PNG, CURVES_PNG, REPORT_MD = "sweep.png", "parallel.png", "curves.png", "report.md"
+CONFUSION_PNG = "confusion.png"
 NUM_CURVES = 5  # best trials whose learning curves are drawn
 
 
@@ -206,6 +210,33 @@ def plot_run(directory: str) -> str:
     return _save(fig, directory, CURVES_PNG)
 
 
+def plot_confusion(directory: str, summary: dict) -> str:
+    """The validation confusion matrix of the summary's checkpoint, class names on both axes:
+    each cell the number of rows, coloured by the share of its true class (a row), so a small
+    class's mistakes show as clearly as a large one's."""
+    plt = _pyplot()
+    counts = np.asarray(summary["confusion"], dtype=np.float64)
+    names = [str(c) for c in summary["classes"]]
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = min(3.0 + 0.45 * len(names), 14.0)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    ticks = np.arange(len(names))
+    ax.set_xticks(ticks, names, rotation=45 if max(map(len, names)) > 3 else 0, ha="right" if max(map(len, names)) > 3 else "center")
+    ax.set_yticks(ticks, names)
+    if len(names) <= 30:  # beyond that the numbers would not fit their cells
+        for (i, j), n in np.ndenumerate(counts):
+            ax.text(j, i, f"{int(n)}", ha="center", va="center", fontsize=8,
+                    color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    epoch = summary.get("checkpoint", "").rstrip("/").rsplit("_", 1)[-1].lstrip("0") or "?"
+    ax.set_title(f"validation confusion, epoch {epoch} ({int(counts.sum())} rows)", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    return _save(fig, directory, CONFUSION_PNG)
+
+
 def _markdown_table(frame: pd.DataFrame) -> str:
     def cell(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -244,6 +275,9 @@ def write_report(directory: str, *, num_top: int = 10) -> list[str]:
         text = (f"# Run {directory.rsplit('/', 1)[-1]}\n\n{_markdown_table(facts)}\n\n"
                 + (f"Error: {summary['error']}\n\n" if summary.get("error") else "")
                 + f"![learning curves, lr, throughput and time per epoch]({CURVES_PNG})\n")
+        if summary.get("confusion") and summary.get("classes"):
+            written.append(plot_confusion(directory, summary))
+            text += f"\n![validation confusion matrix of the summary's checkpoint]({CONFUSION_PNG})\n"
     else:
         raise DataError(f"{directory}: neither a run (summary.json) nor a sweep (trials.parquet); "
                         "give the directory that train or tune printed")

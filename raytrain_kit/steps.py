@@ -46,25 +46,40 @@ def build_loss_fn(*, classification: bool):
 
 @dataclass
 class EpochSums:
-    """Sums that all-reduce across workers: loss * samples, correct predictions, samples."""
+    """Sums that all-reduce across workers: loss * samples, correct predictions, samples; in
+    validation also the confusion counts (true class * num_classes + predicted class)."""
 
     loss: float = 0.0
     correct: float = 0.0
     samples: float = 0.0
+    confusion: Optional[torch.Tensor] = None  # (num_classes ** 2,) float64 on the CPU, when counted
 
     def add(self, loss: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor, classification: bool):
         n = targets.shape[0]
         self.loss += float(loss.detach()) * n
         if classification:
-            self.correct += float((outputs.detach().argmax(dim=1) == targets).sum())
+            predicted = outputs.detach().argmax(dim=1)
+            self.correct += float((predicted == targets).sum())
+            if self.confusion is not None:
+                k = outputs.shape[1]
+                self.confusion += torch.bincount((targets * k + predicted).cpu(), minlength=k * k).double()
         self.samples += n
 
     def all_reduce(self) -> "EpochSums":
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        t = torch.tensor([self.loss, self.correct, self.samples], dtype=torch.float64)
+        parts = [torch.tensor([self.loss, self.correct, self.samples], dtype=torch.float64)]
+        parts += [self.confusion] if self.confusion is not None else []
+        t = torch.cat(parts)
         dist.all_reduce(t)
-        return EpochSums(*t.tolist())
+        return EpochSums(*t[:3].tolist(), confusion=t[3:] if self.confusion is not None else None)
+
+    def confusion_matrix(self) -> Optional[list[list[int]]]:
+        """Rows: true class, columns: predicted class (counts); None when not counted."""
+        if self.confusion is None:
+            return None
+        k = int(round(len(self.confusion) ** 0.5))
+        return self.confusion.reshape(k, k).long().tolist()
 
 
 @dataclass
@@ -215,9 +230,11 @@ def global_step_losses(step_losses: list[tuple[float, int]]) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, Optional[torch.Tensor]]], *,
-             classification: bool, precision: Callable[[], Any] = contextlib.nullcontext) -> EpochSums:
-    """Loss and accuracy sums; a batch without targets (`parallel.lockstep`'s filler) only runs forward."""
-    sums = EpochSums()
+             classification: bool, precision: Callable[[], Any] = contextlib.nullcontext,
+             num_classes: int = 0) -> EpochSums:
+    """Loss and accuracy sums, and with `num_classes` the confusion counts; a batch without
+    targets (`parallel.lockstep`'s filler) only runs forward."""
+    sums = EpochSums(confusion=torch.zeros(num_classes ** 2, dtype=torch.float64) if num_classes else None)
     model.eval()
     for x, y in batches:
         with precision():

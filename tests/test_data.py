@@ -185,21 +185,41 @@ def test_merged_block_moments_equal_numpy_over_the_whole_column():
 @pytest.mark.parametrize("labels,expected", [
     ([1] * 40, "has a single class (every label is 1); classification needs two or more"),
     ([0] * 40, "has a single class (every label is 0)"),
-    ([1, 2] * 20, "has labels up to 2 but class(es) 0 never occur; relabel the classes 0..k-1"),
-    ([0, 3] * 20, "has labels up to 3 but class(es) 1, 2 never occur"),
 ])
-def test_label_columns_that_are_not_class_indices_are_refused(ray_session, tmp_path, labels, expected):
+def test_a_label_column_with_a_single_class_is_refused(ray_session, tmp_path, labels, expected):
     rng = np.random.default_rng(0)
     pd.DataFrame({"a": rng.normal(size=len(labels)), "y": labels}).to_csv(tmp_path / "t.csv", index=False)
-    with pytest.raises(DataError, match=re.escape(f"label column 'y' in {tmp_path / 't.csv'} {expected}")):
-        build_datasets(build_experiment({"data": {"source": "csv", "path": str(tmp_path / "t.csv"), "label": "y"}}))
-    # Declared, an absent class is the user's choice; one class is still refused.
-    declared = {"source": "csv", "path": str(tmp_path / "t.csv"), "label": "y", "num_classes": 4}
-    if len(set(labels)) > 1:
-        assert build_datasets(build_experiment({"data": declared}))[1].num_classes == 4
-    else:
-        with pytest.raises(DataError, match="single class"):
-            build_datasets(build_experiment({"data": declared}))
+    for declared in ({}, {"num_classes": 4}):  # declared or not
+        with pytest.raises(DataError, match=re.escape(f"label column 'y' in {tmp_path / 't.csv'} {expected}")):
+            build_datasets(build_experiment({"data": {"source": "csv", "path": str(tmp_path / "t.csv"), "label": "y",
+                                                      **declared}}))
+
+
+@pytest.mark.parametrize("labels,classes", [
+    ([1, 2] * 20, (1, 2)),  # numbered from 1
+    ([-1, 1] * 20, (-1, 1)),  # a margin classifier's labels
+    ([0, 3] * 20, (0, 3)),  # sparse codes
+    (["setosa", "virginica", "versicolor", "setosa"] * 10, ("setosa", "versicolor", "virginica")),
+])
+def test_labels_that_are_not_class_indices_become_classes_in_sorted_order(ray_session, tmp_path, labels, classes):
+    a = np.random.default_rng(0).normal(size=len(labels))
+    pd.DataFrame({"a": a, "y": labels}).to_csv(tmp_path / "t.csv", index=False)
+    datasets, spec = build_datasets(build_experiment({"data": {"source": "csv", "path": str(tmp_path / "t.csv"),
+                                                               "label": "y", "val_fraction": 0.25}}))
+    assert spec.num_classes == len(classes) and spec.classes == classes
+    # Each row's class index is its label's place in the sorted classes, in both splits: the row
+    # is found by its feature, un-standardized.
+    prep = spec.preprocessing
+    for name in ("train", "val"):
+        x, y = _arrays(datasets[name])
+        recovered = x[:, 0].astype(np.float64) * prep["scale"][0] + prep["pivot"][0] + prep["offset"][0]
+        rows = np.abs(recovered[:, None] - a[None, :]).argmin(axis=1)
+        assert [classes[i] for i in y] == [labels[r] for r in rows]
+    # Declared, integer labels are class indices as they are (an absent class is the user's choice).
+    if isinstance(labels[0], int) and min(labels) >= 0:
+        declared = {"source": "csv", "path": str(tmp_path / "t.csv"), "label": "y", "num_classes": 4}
+        spec = build_datasets(build_experiment({"data": declared}))[1]
+        assert spec.num_classes == 4 and spec.classes == ("0", "1", "2", "3")
 
 
 def test_synthetic_regression_without_num_classes_has_a_continuous_target(ray_session):

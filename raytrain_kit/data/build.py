@@ -6,69 +6,92 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 import ray
 
 from raytrain_kit.config import Experiment
-from raytrain_kit.data.sources import check_local_file, read_table, select_columns, _schema
+from raytrain_kit.data.sources import Columns, check_local_file, read_table, select_columns, _schema
 from raytrain_kit.data.spec import DataSpec
 from raytrain_kit.data.split import preserved_order, split_by_key
-from raytrain_kit.data.stats import CONSTANT_STD, _pack, check_stats, collect_stats
+from raytrain_kit.data.encode import check_labels_known, encode_batch, feature_names, fit_preprocessing
+from raytrain_kit.data.stats import _pack, _Stats, check_stats, collect_stats
 from raytrain_kit.errors import DataError
 
 
 
-def _finish(batch: dict, *, pivot: Optional[np.ndarray], offset: Optional[np.ndarray], std: Optional[np.ndarray],
-            classification: bool) -> dict:
-    x = batch["x"]
-    if pivot is not None:
-        # Constant columns (digits' blank border pixels) keep scale 1 instead of dividing by zero.
-        x = ((x - pivot) - offset) / np.where(std > CONSTANT_STD, std, 1.0)
-    y = batch["y"].astype(np.int64) if classification else batch["y"].astype(np.float32)
-    return {"x": x.astype(np.float32), "y": y}
-
-
-# ---------------------------------------------------------------------------------------------
-# The entry point
-
-
-def build_datasets(cfg: Experiment) -> tuple[dict[str, ray.data.Dataset], DataSpec]:
-    """Train/val Ray Datasets with columns `x`, `y`, checked before any worker starts. The same
-    seed gives the same rows in each, in the same order, in any session (`split_by_key`)."""
+def build_datasets(cfg: Experiment, *, fitted: Optional[dict] = None) -> tuple[dict[str, ray.data.Dataset], DataSpec]:
+    """Train/val Ray Datasets with columns `x` (float32 features) and `y` (labels), checked before
+    any worker starts. The same seed gives the same rows in each, in the same order, in any
+    session (`split_by_key`). The preprocessing is fitted on the training split, or is `fitted`
+    (a resumed run's, from its checkpoint: the transform it trained with). Raises DataError."""
     with preserved_order():
-        return _build_datasets(cfg)
+        return _build_datasets(cfg, fitted=fitted)
 
 
-def _build_datasets(cfg: Experiment) -> tuple[dict[str, ray.data.Dataset], DataSpec]:
+def _build_datasets(cfg: Experiment, *, fitted: Optional[dict]) -> tuple[dict[str, ray.data.Dataset], DataSpec]:
     d = cfg.data
     check_local_file(cfg)
     raw, where = read_table(cfg)
-    features = select_columns(cfg, _schema(raw, where), where)
-    classification = d.task == "classification"
-    packed = raw.map_batches(_pack, batch_format="pandas", fn_kwargs=dict(features=features, label=d.label))
-    packed = packed.materialize() if d.in_memory else packed  # read once: statistics, then the split
-    stats = collect_stats(packed)
-    if stats.count < 2:
-        raise DataError(f"data.path: {where} has {stats.count} row(s); need at least 2 to split")
-    num_classes = check_stats(cfg, stats, features=features, where=where)
+    columns = select_columns(cfg, _schema(raw, where), where)
+    packed, stats, num_dropped = pack_table(cfg, raw, columns=columns, where=where)
+    label = check_stats(cfg, stats, columns=columns, where=where)
     train, val, _ = split_by_key(packed, val_fraction=d.val_fraction, seed=cfg.train.seed)
-    # Standardize with training statistics only, so validation stays unseen.
-    scale = collect_stats(train) if d.standardize else None
-    finish = dict(pivot=scale.pivot if scale else None, offset=scale.offset if scale else None,
-                  std=scale.std if scale else None,
-                  classification=classification)
-    train = train.map_batches(_finish, batch_format="numpy", fn_kwargs=finish)
-    val = val.map_batches(_finish, batch_format="numpy", fn_kwargs=finish)
+    # Fitted on the training split only, so validation stays unseen.
+    prep = fitted or fit_preprocessing(cfg, train, columns=columns, label=label, whole=stats, where=where)
+    prep = {**prep, "rows_dropped": num_dropped} if fitted is None else prep
+    check_labels_known(cfg, val, prep, split="validation", where=where)
+    if fitted:  # the data may have changed since the checkpoint's run fitted its classes
+        check_labels_known(cfg, train, prep, split="training", where=where)
+    encode = dict(prep=prep, classification=d.task == "classification")
+    train = train.map_batches(encode_batch, batch_format="numpy", fn_kwargs=encode)
+    val = val.map_batches(encode_batch, batch_format="numpy", fn_kwargs=encode)
     if d.in_memory:
         train, val = train.materialize(), val.materialize()
     num_train, num_val = train.count(), val.count()
     if num_val == 0 or num_train == 0:
         raise DataError(f"data.val_fraction: {d.val_fraction} leaves an empty split of {stats.count} rows")
-    input_shape = tuple(cfg.input_shape) if cfg.input_shape else (len(features),)
-    if int(np.prod(input_shape)) != len(features):
+    return {"train": train, "val": val}, _spec(cfg, prep, label_classes=label.num_classes, where=where,
+                                               num_train=num_train, num_val=num_val)
+
+
+def pack_table(cfg: Experiment, raw: ray.data.Dataset, *, columns: Columns, where: str
+               ) -> tuple[ray.data.Dataset, _Stats, int]:
+    """The table packed (`stats._pack`), its statistics, and with data.missing: drop the number of
+    rows left out for a missing value (the statistics are then those of the rows kept)."""
+    d = cfg.data
+    packed = raw.map_batches(_pack, batch_format="pandas", fn_kwargs=dict(
+        numeric=list(columns.numeric), categorical=list(columns.categorical), label=d.label,
+        label_is_text=columns.label_is_text))
+    packed = packed.materialize() if d.in_memory else packed  # read once: statistics, then the split
+    stats = collect_stats(packed)
+    num_dropped = 0
+    if d.missing == "drop" and stats.incomplete:
+        num_dropped = stats.incomplete
+        packed = packed.map_batches(_drop_incomplete, batch_format="numpy")
+        packed = packed.materialize() if d.in_memory else packed
+        stats = collect_stats(packed)
+    if stats.count < 2:
+        dropped = f" ({num_dropped} dropped for a missing value)" if num_dropped else ""
+        raise DataError(f"data.path: {where} has {stats.count} row(s){dropped}; need at least 2 to split")
+    return packed, stats, num_dropped
+
+
+def _drop_incomplete(batch: dict) -> dict:
+    keep = ~np.isnan(batch["x"]).any(axis=1)
+    for name, values in batch.items():
+        if name == "y" or (name != "x" and values.dtype.kind in "OUS"):
+            keep &= ~pd.isna(values)
+    return {name: values[keep] for name, values in batch.items()}
+
+
+def _spec(cfg: Experiment, prep: dict, *, label_classes: int, where: str, num_train: int, num_val: int) -> DataSpec:
+    names = feature_names(prep)
+    input_shape = tuple(cfg.input_shape) if cfg.input_shape else (len(names),)
+    if int(np.prod(input_shape)) != len(names):
         raise DataError(f"data.input_shape: {list(input_shape)} holds {int(np.prod(input_shape))} values, "
-                        f"but {where} has {len(features)} feature columns")
-    constant = tuple(f for f, std in zip(features, scale.std) if std <= CONSTANT_STD) if scale else ()
-    spec = DataSpec(num_features=len(features), num_classes=num_classes, input_shape=input_shape,
-                    num_train_rows=num_train, num_val_rows=num_val, feature_names=tuple(features),
-                    constant_features=constant)
-    return {"train": train, "val": val}, spec
+                        f"but {where} has {len(names)} features")
+    classes = prep["classes"] or [str(i) for i in range(label_classes)]
+    return DataSpec(num_features=len(names), num_classes=len(classes) if cfg.data.task == "classification" else 0,
+                    input_shape=input_shape, num_train_rows=num_train, num_val_rows=num_val,
+                    feature_names=tuple(names), constant_features=tuple(prep["constant"]), classes=tuple(classes),
+                    preprocessing=prep)

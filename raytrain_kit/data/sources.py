@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -81,9 +82,14 @@ def read_table(cfg: Experiment) -> tuple[ray.data.Dataset, str]:
         path = os.path.abspath(path.removeprefix("file://"))
         if not os.path.exists(path):
             raise DataError(f"data.path: {path}: no such file or folder")
-    reader = ray.data.read_csv if d.source == "csv" else ray.data.read_parquet
     try:
-        return reader(path), path
+        if d.source == "csv":
+            import pyarrow.csv as pacsv
+
+            # "NA", "" and the like are missing in text columns too, as pandas reads them (pyarrow
+            # keeps them as strings by default, which would make "NA" a category of its own).
+            return ray.data.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True)), path
+        return ray.data.read_parquet(path), path
     except Exception as e:  # pyarrow and fsspec raise many types for unreadable input
         raise DataError(f"data.path: {path}: cannot read as {d.source} ({type(e).__name__}: {short_message(e)})") from None
 
@@ -162,23 +168,61 @@ def _listed(names: list[str], wanted: str, limit: int = 20) -> str:
     return ", ".join(shown) + (f", and {more} more" if more > 0 else "")
 
 
-def select_columns(cfg: Experiment, schema, where: str) -> list[str]:
-    """The feature columns, after checking that they and the label exist and are numeric."""
+@dataclass(frozen=True)
+class Columns:
+    """The columns a table contributes: numeric features, categorical features (one-hot encoded
+    later), and whether the label is text (class names) rather than numbers."""
+
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...]
+    label_is_text: bool = False
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return self.numeric + self.categorical
+
+
+def _textual(t) -> bool:
+    if isinstance(t, pa.DataType):
+        if pa.types.is_dictionary(t):
+            t = t.value_type
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t)
+    return np.dtype(t) == np.dtype(object) if not isinstance(t, str) else False
+
+
+def select_columns(cfg: Experiment, schema, where: str) -> Columns:
+    """The feature columns, after checking that they and the label exist: numbers are numeric
+    features, text (and the columns data.categorical lists) categorical ones; a text label holds
+    class names. Raises DataError naming each column of another type."""
     d = cfg.data
     names = list(schema.names)
     if d.label not in names:
         raise DataError(f"data.label: column {d.label!r} not found in {where}{_nearest(d.label, names)} "
                         f"(columns: {_listed(names, d.label)})")
     features = list(d.features) if d.features else [n for n in names if n != d.label]
-    missing = [f for f in features if f not in names]
+    listed = list(d.categorical or [])
+    missing = [f for f in features + listed if f not in names]
     if missing:
-        raise DataError(f"data.features: column(s) {', '.join(map(repr, missing))} not found in {where}"
+        field = "data.features" if missing[0] in features else "data.categorical"
+        raise DataError(f"{field}: column(s) {', '.join(map(repr, missing))} not found in {where}"
                         f"{_nearest(missing[0], names)} (columns: {_listed(names, missing[0])})")
     if not features:
         raise DataError(f"data.features: {where} has no feature columns besides the label {d.label!r}")
+    unused = [c for c in listed if c not in features]
+    if unused:
+        raise DataError(f"data.categorical: column(s) {', '.join(map(repr, unused))} are not features "
+                        f"(the label, or left out of data.features); list only feature columns")
     types = dict(zip(schema.names, schema.types))
-    problems = [f"column {c!r} in {where} is {types[c]}, not numeric; drop it from data.features or encode it"
-                for c in features + [d.label] if not _numeric(types[c])]
+    problems = [f"column {c!r} in {where} is {types[c]}, neither numbers nor text; drop it from data.features"
+                for c in features if not _numeric(types[c]) and not _textual(types[c])]
+    label_is_text = _textual(types[d.label])
+    if not _numeric(types[d.label]) and not label_is_text:
+        problems.append(f"label column {d.label!r} in {where} is {types[d.label]}, neither numbers nor text")
+    elif label_is_text and d.task == "regression":
+        problems.append(f"label column {d.label!r} in {where} holds text; regression needs numbers "
+                        "(or set data.task: classification)")
     if problems:
         raise DataError(*problems)
-    return features
+    categorical = [c for c in features if c in listed or _textual(types[c])]
+    return Columns(numeric=tuple(c for c in features if c not in categorical), categorical=tuple(categorical),
+                   label_is_text=label_is_text)

@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 
-
 @dataclass(frozen=True)
 class DataSpec:
     """What a model needs to know about the data, and what the worker needs to batch it."""
@@ -19,6 +18,10 @@ class DataSpec:
     num_val_rows: int
     feature_names: tuple[str, ...] = field(default=())
     constant_features: tuple[str, ...] = field(default=())  # no spread in the training split: left unscaled
+    classes: tuple = field(default=())  # classification: each class's label (name or value), in index order
+    # What was fitted on the training split (data/encode.py): the transform resume, export and
+    # prediction apply. Plain JSON-able data.
+    preprocessing: dict = field(default_factory=dict, compare=False)
 
     @property
     def task(self) -> str:
@@ -42,9 +45,10 @@ def describe_constant_features(spec: DataSpec, limit: int = 8) -> Optional[str]:
 def spec_to_dict(spec: DataSpec) -> dict:
     """The spec as plain data, for a Ray task's or Train worker's config."""
     return {**asdict(spec), "input_shape": list(spec.input_shape), "feature_names": list(spec.feature_names),
-            "constant_features": list(spec.constant_features)}
+            "constant_features": list(spec.constant_features), "classes": list(spec.classes)}
 
 
 def spec_from_dict(raw: dict) -> DataSpec:
     return DataSpec(**{**raw, "input_shape": tuple(raw["input_shape"]), "feature_names": tuple(raw["feature_names"]),
-                       "constant_features": tuple(raw.get("constant_features", ()))})
+                       "constant_features": tuple(raw.get("constant_features", ())),
+                       "classes": tuple(raw.get("classes", ())), "preprocessing": raw.get("preprocessing") or {}})

@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 import ray
 
 from raytrain_kit.config import Experiment
@@ -58,9 +59,10 @@ def split_by_key(packed: ray.data.Dataset, *, val_fraction: float, seed: int
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
-def row_keys(x: np.ndarray, y: np.ndarray, *, seed: int) -> np.ndarray:
+def row_keys(x: np.ndarray, y: np.ndarray, *, seed: int, text: tuple = ()) -> np.ndarray:
     """A seeded 64-bit hash of each row's contents: the same row gets the same key on every run,
-    on any node, in any block, which is what makes folds reproducible without a global row index."""
+    on any node, in any block, which is what makes folds reproducible without a global row index.
+    `y` may be text (class names); `text` holds a table's categorical columns (object arrays)."""
     # Every bit of the value: float64 rows (the raw table, before the split) hash both halves, so
     # values that only float64 tells apart (timestamps, ids) are not taken for duplicates.
     exact = np.ascontiguousarray(x if x.dtype == np.float64 else x.astype(np.float32))
@@ -68,7 +70,11 @@ def row_keys(x: np.ndarray, y: np.ndarray, *, seed: int) -> np.ndarray:
     coef = np.random.default_rng(seed).integers(1, 2**63, size=words.shape[1] + 1, dtype=np.uint64) | np.uint64(1)
     with np.errstate(over="ignore"):  # arithmetic mod 2**64 is the point
         h = (words * coef[:-1]).sum(axis=1, dtype=np.uint64)
-        h += np.ascontiguousarray(y).astype(np.float64).view(np.uint64) * coef[-1]
+        h += _label_bits(y) * coef[-1]
+        if text:  # their own coefficients, so a table without text columns keeps its keys
+            more = np.random.default_rng([seed, 1]).integers(1, 2**63, size=len(text), dtype=np.uint64) | np.uint64(1)
+            for column, c in zip(text, more):
+                h += _text_bits(column) * c
         # splitmix64's finalizer spreads the bits, so key order is a seeded random permutation.
         h ^= h >> np.uint64(30)
         h *= np.uint64(0xBF58476D1CE4E5B9)
@@ -78,8 +84,20 @@ def row_keys(x: np.ndarray, y: np.ndarray, *, seed: int) -> np.ndarray:
     return h
 
 
+def _label_bits(y: np.ndarray) -> np.ndarray:
+    y = np.ascontiguousarray(y)
+    return _text_bits(y) if y.dtype.kind in "OUS" else y.astype(np.float64).view(np.uint64)
+
+
+def _text_bits(column: np.ndarray) -> np.ndarray:
+    # pandas' hash of each value (SipHash with a fixed key): the same text gives the same bits in
+    # every process, unlike Python's salted hash().
+    return pd.util.hash_array(np.asarray(column, dtype=object), categorize=False).astype(np.uint64)
+
+
 def _add_key(batch: dict, *, seed: int) -> dict:
-    return {**batch, "key": row_keys(batch["x"], batch["y"], seed=seed)}
+    text = tuple(batch[f"c{i}"] for i in range(len(batch)) if f"c{i}" in batch)
+    return {**batch, "key": row_keys(batch["x"], batch["y"], seed=seed, text=text)}
 
 
 def assign_folds(keys: np.ndarray, labels: Optional[np.ndarray], *, num_folds: int) -> np.ndarray:

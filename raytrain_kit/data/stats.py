@@ -18,28 +18,53 @@ from raytrain_kit.errors import DataError
 # Packing and statistics (pure functions over pandas / numpy batches, run by Ray Data)
 
 
-def _pack(frame: pd.DataFrame, *, features: list[str], label: str) -> dict:
-    x = frame[features].to_numpy(dtype=np.float64, na_value=np.nan)
-    y = frame[label].to_numpy(dtype=np.float64, na_value=np.nan)
-    return {"x": x, "y": y}
+def _pack(frame: pd.DataFrame, *, numeric: list[str], categorical: list[str], label: str, label_is_text: bool) -> dict:
+    """A table's rows as `x` (numeric features, float64, NaN where missing), `y` (the label:
+    float64, or text for class names; NaN / None where missing) and one text column per
+    categorical feature, `c0`, `c1`, ... (None where missing)."""
+    x = (frame[numeric].to_numpy(dtype=np.float64, na_value=np.nan) if numeric
+         else np.zeros((len(frame), 0), dtype=np.float64))
+    y = _as_text(frame[label]) if label_is_text else frame[label].to_numpy(dtype=np.float64, na_value=np.nan)
+    return {"x": x, "y": y, **{f"c{i}": _as_text(frame[c]) for i, c in enumerate(categorical)}}
+
+
+def _as_text(column: pd.Series) -> np.ndarray:
+    """A column's values as text, None where missing; whole numbers without a decimal point, so a
+    code column reads '3' whether CSV typed it int or float."""
+    def text(v):
+        if isinstance(v, (float, np.floating)) and float(v).is_integer():
+            return str(int(v))
+        return str(v)
+
+    missing = column.isna().to_numpy()
+    return np.array([None if gone else text(v) for v, gone in zip(column.to_numpy(dtype=object), missing)], dtype=object)
 
 
 def _block_stats(batch: dict) -> dict:
-    """Per-block statistics: row count, and per column the finite values' count, mean and sum of
-    squared deviations from that mean (two passes over the block, so no cancellation however
-    large the column's offset), non-finite cells; the label's range."""
-    x, y = batch["x"].astype(np.float64), batch["y"].astype(np.float64)
+    """Per-block statistics: row count, and per numeric column the finite values' count, mean and
+    sum of squared deviations from that mean (two passes over the block, so no cancellation
+    however large the column's offset), non-finite and missing cells; missing cells of each
+    categorical column; rows holding any missing value; the label's range."""
+    x = batch["x"].astype(np.float64)
+    y = batch["y"]
+    text_label = y.dtype.kind in "OUS"
+    categorical = [batch[f"c{i}"] for i in range(sum(1 for k in batch if k.startswith("c") and k[1:].isdigit()))]
     finite_x = np.isfinite(x)
     n = finite_x.sum(axis=0)
     # The mean as pivot + offset: the pivot is one of the column's own values, so x - pivot is
     # exact for values near it and the offset carries the digits a float64 mean of 1e12-sized
     # values rounds away (which would leak into the merge's between-block term).
     first = np.argmax(finite_x, axis=0)
-    pivot = np.where(n > 0, x[first, np.arange(x.shape[1])], 0.0)
+    pivot = np.where(n > 0, x[first, np.arange(x.shape[1])], 0.0) if x.shape[1] else np.zeros(0)
     shifted = np.where(finite_x, x - pivot, 0.0)
     offset = shifted.sum(axis=0) / np.maximum(n, 1)
     deviation = np.where(finite_x, shifted - offset, 0.0)
-    finite_y = y[np.isfinite(y)]
+    missing_c = np.array([[int(pd.isna(c).sum()) for c in categorical]], dtype=np.int64).reshape(1, len(categorical))
+    label_missing = pd.isna(y) if text_label else np.isnan(y.astype(np.float64))
+    incomplete = np.isnan(x).any(axis=1) | label_missing
+    for c in categorical:
+        incomplete |= pd.isna(c)
+    finite_y = np.zeros(0) if text_label else y[np.isfinite(y)].astype(np.float64)
     return {
         "count": np.array([len(y)]),
         "n": n[None, :],
@@ -47,7 +72,11 @@ def _block_stats(batch: dict) -> dict:
         "offset": offset[None, :],
         "m2": (deviation * deviation).sum(axis=0, keepdims=True),
         "bad_x": (~finite_x).sum(axis=0, keepdims=True),
-        "bad_y": np.array([len(y) - len(finite_y)]),
+        "missing_x": np.isnan(x).sum(axis=0, keepdims=True),
+        "missing_c": missing_c,
+        "incomplete": np.array([int(incomplete.sum())]),
+        "bad_y": np.array([int(label_missing.sum()) if text_label else len(y) - len(finite_y)]),
+        "missing_y": np.array([int(label_missing.sum())]),
         "y_min": np.array([finite_y.min() if len(finite_y) else np.inf]),
         "y_max": np.array([finite_y.max() if len(finite_y) else -np.inf]),
         "y_nonint": np.array([int((finite_y != np.round(finite_y)).sum())]),
@@ -69,15 +98,23 @@ def _classes_seen(labels: np.ndarray) -> np.ndarray:
 @dataclass
 class _Stats:
     count: int
-    pivot: np.ndarray  # per column: the mean is pivot + offset (see merge_moments)
+    pivot: np.ndarray  # per numeric column: the mean is pivot + offset (see merge_moments)
     offset: np.ndarray
     std: np.ndarray
-    bad_x: np.ndarray
-    bad_y: int
+    bad_x: np.ndarray  # per numeric column: NaN, inf and missing cells
+    bad_y: int  # label cells that are missing (or NaN, inf)
     y_min: float
     y_max: float
     y_nonint: int
     y_seen: np.ndarray  # (TRACKED_CLASSES,) bool: the class indices that occur
+    missing_x: np.ndarray = None  # per numeric column: missing (NaN) cells
+    missing_c: np.ndarray = None  # per categorical column: missing cells
+    missing_y: int = 0
+    incomplete: int = 0  # rows holding a missing value anywhere
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.pivot + self.offset
 
 
 def merge_moments(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
@@ -103,13 +140,15 @@ def merge_moments(parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 
 
 def collect_stats(ds: ray.data.Dataset) -> _Stats:
+    """The statistics of a packed table (`_pack`'s columns), in one Ray Data pass; only one small
+    row per block comes to the driver."""
     rows = [r for r in ds.map_batches(_block_stats, batch_size=None, batch_format="numpy").take_all()
             if r["count"]]
     count = int(sum(r["count"] for r in rows))
     if not count:
         empty = np.zeros(0)
         return _Stats(count=0, pivot=empty, offset=empty, std=empty, bad_x=empty, bad_y=0, y_min=np.inf, y_max=-np.inf, y_nonint=0,
-                      y_seen=np.zeros(TRACKED_CLASSES, dtype=bool))
+                      y_seen=np.zeros(TRACKED_CLASSES, dtype=bool), missing_x=empty, missing_c=empty)
     # One row per block (take_all splits each block's one-row batch); each array (num_columns,).
     n, pivot, offset, m2 = merge_moments([(r["n"], r["pivot"], r["offset"], r["m2"]) for r in rows])
     return _Stats(
@@ -118,49 +157,88 @@ def collect_stats(ds: ray.data.Dataset) -> _Stats:
         y_min=float(min(r["y_min"] for r in rows)), y_max=float(max(r["y_max"] for r in rows)),
         y_nonint=int(sum(r["y_nonint"] for r in rows)),
         y_seen=np.logical_or.reduce([r["y_seen"] for r in rows]),
+        missing_x=sum(r["missing_x"] for r in rows), missing_c=sum(r["missing_c"] for r in rows),
+        missing_y=int(sum(r["missing_y"] for r in rows)), incomplete=int(sum(r["incomplete"] for r in rows)),
     )
 
 
-def check_stats(cfg: Experiment, stats: _Stats, *, features: list[str], where: str) -> int:
-    """Raise a DataError naming each bad column; return the number of classes (0: regression)."""
+@dataclass(frozen=True)
+class LabelPlan:
+    """How labels become classes: `num_classes` (0: regression) is known now for class indices;
+    `encoded` labels (names, or numbers other than 0..k-1) are numbered by an encoder fitted on
+    the training split, which also sets the number of classes (`encode.fit_preprocessing`)."""
+
+    num_classes: int
+    encoded: bool = False
+
+
+def check_stats(cfg: Experiment, stats: _Stats, *, columns, where: str) -> LabelPlan:
+    """Raise a DataError naming each bad column; say how the labels become classes."""
     d = cfg.data
-    problems = [f"column {features[i]!r} in {where} has {int(n)} NaN, inf or missing value(s); clean or impute it"
-                for i, n in enumerate(stats.bad_x) if n]
+    problems = _missing_problems(cfg, stats, columns=columns, where=where)
     if stats.bad_y:
-        problems.append(f"label column {d.label!r} in {where} has {stats.bad_y} NaN, inf or missing value(s)")
-    num_classes = 0
+        kind = "missing" if columns.label_is_text or stats.missing_y == stats.bad_y else "NaN, inf or missing"
+        problems.append(f"label column {d.label!r} in {where} has {stats.bad_y} {kind} value(s)"
+                        + ("; set data.missing: drop to leave those rows out" if stats.missing_y else ""))
+    plan = LabelPlan(num_classes=0)
     if d.task == "classification" and not stats.bad_y:
-        declared = d.num_classes if d.source != "synthetic" else (d.num_classes or 2)
-        num_classes = declared if declared else int(stats.y_max) + 1
-        if stats.y_nonint:
-            problems.append(f"label column {d.label!r} in {where} has {stats.y_nonint} non-integer value(s); "
-                            "classification needs class indices (or set data.task: regression)")
-        elif stats.y_min < 0 or stats.y_max >= num_classes:
-            bad = stats.y_min if stats.y_min < 0 else stats.y_max
-            problems.append(f"label column {d.label!r} in {where} has value {bad:g} outside [0, {num_classes}); "
-                            "labels must be class indices (check data.num_classes)")
-        else:
-            problems += _class_problems(stats, num_classes, declared=bool(declared), label=d.label, where=where)
+        plan, label_problems = _label_plan(cfg, stats, label_is_text=columns.label_is_text, where=where)
+        problems += label_problems
     if problems:
         raise DataError(*problems)
-    return num_classes
+    return plan
+
+
+def _missing_problems(cfg: Experiment, stats: _Stats, *, columns, where: str) -> list[str]:
+    """Non-finite numbers are always errors; missing cells unless data.missing says what to do."""
+    remedy = "; set data.missing: drop or impute, or clean it"
+    allowed = cfg.data.missing != "error"
+    problems = []
+    for i, name in enumerate(columns.numeric):
+        num_missing, num_bad = int(stats.missing_x[i]), int(stats.bad_x[i])
+        if num_bad > num_missing:
+            problems.append(f"column {name!r} in {where} has {num_bad - num_missing} inf value(s); clean it")
+        if num_missing and not allowed:
+            problems.append(f"column {name!r} in {where} has {num_missing} NaN or missing value(s){remedy}")
+    if not allowed:
+        problems += [f"column {name!r} in {where} has {int(n)} missing value(s){remedy}"
+                     for name, n in zip(columns.categorical, stats.missing_c) if n]
+    return problems
+
+
+def _label_plan(cfg: Experiment, stats: _Stats, *, label_is_text: bool, where: str) -> tuple[LabelPlan, list[str]]:
+    d = cfg.data
+    declared = d.num_classes if d.source != "synthetic" else (d.num_classes or 2)
+    if label_is_text:
+        return LabelPlan(num_classes=declared or 0, encoded=True), []
+    if stats.y_nonint:
+        return LabelPlan(0), [f"label column {d.label!r} in {where} has {stats.y_nonint} non-integer value(s); "
+                              "classification needs class labels (or set data.task: regression)"]
+    if declared:
+        if stats.y_min < 0 or stats.y_max >= declared:
+            bad = stats.y_min if stats.y_min < 0 else stats.y_max
+            return LabelPlan(0), [f"label column {d.label!r} in {where} has value {bad:g} outside [0, {declared}); "
+                                  "with data.num_classes set, labels must be class indices (or leave it unset "
+                                  "to number the labels found)"]
+        return LabelPlan(declared), _class_problems(stats, declared, label=d.label, where=where)
+    if stats.y_min == stats.y_max:
+        return LabelPlan(0), [f"label column {d.label!r} in {where} has a single class (every label is "
+                              f"{stats.y_min:g}); classification needs two or more"]
+    top = int(stats.y_max)
+    if stats.y_min >= 0 and top < TRACKED_CLASSES and stats.y_seen[: top + 1].all():
+        return LabelPlan(top + 1), _class_problems(stats, top + 1, label=d.label, where=where)
+    return LabelPlan(0, encoded=True), []  # {1, 2}, {-1, 1}, sparse codes: numbered by the encoder
 
 
 CONSTANT_STD = 1e-12  # a training column with no more spread than this is constant: centred, never scaled
 
 
-def _class_problems(stats: _Stats, num_classes: int, *, declared: bool, label: str, where: str) -> list[str]:
-    """A label column must hold two classes or more; an inferred class count (max + 1) must not
-    leave classes that never occur (labels 1..k, or sparse codes, are not class indices)."""
+def _class_problems(stats: _Stats, num_classes: int, *, label: str, where: str) -> list[str]:
+    """A label column must hold two classes or more."""
     if num_classes > TRACKED_CLASSES:
         return []  # too many classes to track one by one; the range check above still ran
     seen = np.flatnonzero(stats.y_seen[:num_classes])
     if len(seen) < 2:
         only = f" (every label is {int(seen[0])})" if len(seen) else ""
         return [f"label column {label!r} in {where} has a single class{only}; classification needs two or more"]
-    missing = sorted(set(range(num_classes)) - set(seen.tolist()))
-    if missing and not declared:
-        shown = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
-        return [f"label column {label!r} in {where} has labels up to {num_classes - 1} but class(es) {shown} never "
-                f"occur; relabel the classes 0..k-1, or set data.num_classes to keep empty classes"]
     return []
