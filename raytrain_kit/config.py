@@ -26,10 +26,18 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["digits", "csv", "parquet", "synthetic"] = "digits"
-    """Where rows come from: scikit-learn's 8x8 digits, a CSV or Parquet file/folder, or seeded synthetic data."""
+    source: Literal["digits", "csv", "parquet", "images", "synthetic"] = "digits"
+    """Where rows come from: scikit-learn's 8x8 digits, a CSV or Parquet file/folder, image files, or seeded synthetic data."""
     path: Optional[str] = None
-    """File or folder for csv/parquet: a local path or any URI pyarrow reads (s3://, gs://, hdfs://)."""
+    """csv/parquet: file or folder; images: a folder with one sub-folder of images per class (named after it), or a CSV/Parquet manifest of paths and labels. A local path or any URI pyarrow reads (s3://, gs://, hdfs://)."""
+    image_column: str = "path"
+    """images, manifest: the column of image paths (relative to the manifest's folder, absolute, or URIs)."""
+    image_size: Optional[list[int]] = None
+    """images: [H, W] every image is resized to (bilinear); omitted means the first image's size."""
+    channels: Literal[1, 3] = 3
+    """images: 1 (grayscale) or 3 (RGB) channels; the model reads [channels, H, W], scaled to [0, 1] and normalized per channel with the training split's mean and standard deviation."""
+    on_bad_file: Literal["error", "skip"] = "error"
+    """images: a file that cannot be decoded is an error naming it, or is skipped (the number skipped and the first is printed)."""
     features: Optional[list[str]] = None
     """Feature columns, in order; omitted means every column except the label."""
     label: str = "label"
@@ -386,7 +394,7 @@ class Experiment(_Section):
     def _check_combinations(self) -> "Experiment":
         problems = []
         d, m = self.data, self.model
-        if d.source in ("csv", "parquet") and not d.path:
+        if d.source in ("csv", "parquet", "images") and not d.path:
             problems.append(f"data.path: required for source {d.source!r}; give a file, folder or URI")
         if d.source == "synthetic" and d.num_classes == 0 and d.task != "regression":
             problems.append("data.num_classes: 0 makes a regression target; also set data.task: regression")
@@ -412,8 +420,10 @@ class Experiment(_Section):
                 problems.append(f"data.input_shape: cnn needs [C, H, W], got {d.input_shape}")
             if m.kind == "rnn" and len(d.input_shape) not in (2, 3):
                 problems.append(f"data.input_shape: rnn needs [T, F] or [C, H, W], got {d.input_shape}")
-        elif m.kind == "cnn" and d.source != "digits":
+        elif m.kind == "cnn" and d.source in ("csv", "synthetic"):  # images and Parquet array columns carry theirs
             problems.append("data.input_shape: cnn needs an image shape [C, H, W] for the feature vector")
+        if d.image_size is not None and (len(d.image_size) != 2 or min(d.image_size) < 1):
+            problems.append(f"data.image_size: {d.image_size} is not [H, W] with positive sizes")
         if self.schedule.kind == "plateau" and self.schedule.warmup_steps:
             problems.append("schedule.warmup_steps: not supported with kind 'plateau'; set it to 0 or pick another kind")
         problems += _scaling_problems(self)
@@ -442,6 +452,8 @@ class Experiment(_Section):
     def input_shape(self) -> Optional[list[int]]:
         if self.data.input_shape is not None:
             return list(self.data.input_shape)
+        if self.data.source == "images" and self.data.image_size:
+            return [self.data.channels, *self.data.image_size]
         return [1, 8, 8] if self.data.source == "digits" else None
 
 

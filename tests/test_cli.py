@@ -179,8 +179,13 @@ def test_fsdp_job_in_bf16_then_export(tmp_path):
     model = build_model(cfg, DataSpec(num_features=128, num_classes=10, input_shape=(128,), num_train_rows=2400,
                                       num_val_rows=600))
     num_parameters = sum(p.numel() for p in model.parameters())
-    assert done.stdout.strip() == f"wrote {out}: {num_parameters:,} parameters from {summary['checkpoint']}"
+    assert done.stdout.strip().splitlines() == [
+        f"wrote {out}: {num_parameters:,} parameters from {summary['checkpoint']}",
+        f"wrote {tmp_path / 'model.data.json'}: its data spec and the preprocessing fitted on the training split"]
     model.load_state_dict(torch.load(out, weights_only=True))  # strict
+    data = json.loads((tmp_path / "model.data.json").read_text())
+    assert (data["num_features"], data["num_classes"], data["input_shape"]) == (128, 10, [128])
+    assert len(data["preprocessing"]["scale"]) == 128  # the training split's standardization travels with it
     done = _run_cli("export", str(tmp_path / "fsdp_mlp"), str(out), "--epoch", "7")
     assert done.returncode == 2 and done.stderr.startswith("error: --epoch: no checkpoint of epoch 7")
 

@@ -131,13 +131,17 @@ def test_embedded_ray_keeps_the_idle_processes_a_run_needs_again(ray_session, st
 @pytest.mark.parametrize("in_memory", [True, False])
 def test_repeated_fits_of_one_config_in_one_session_write_the_same_metrics(ray_session, storage, tmp_path, in_memory):
     """A notebook's repeated fit: the same seed gives the same split, order and so the same
-    numbers every time in one Ray session (the split once followed task completion order)."""
+    numbers every time in one Ray session (the split once followed task completion order).
+    The table has a text column (one-hot, its values hashed into the split's row keys) and
+    labels that are not class indices: names, or {-1, 1}."""
     import pandas as pd
 
     from raytrain_kit.loop import MEASURED
 
     rng = np.random.default_rng(0)
-    table = pd.DataFrame(rng.normal(size=(240, 4)), columns=list("abcd")).assign(label=rng.integers(0, 3, 240))
+    labels = rng.choice(["high", "low", "mid"], 240) if in_memory else rng.choice([-1, 1], 240)
+    table = pd.DataFrame(rng.normal(size=(240, 4)), columns=list("abcd")).assign(
+        city=rng.choice(["oslo", "rome", "lima"], 240), label=labels)
     table.to_csv(tmp_path / "table.csv", index=False)
     frames = []
     for i in range(2):  # two, not three: the suite's 25-minute budget (a third fit adds 18 s per case)
@@ -145,7 +149,10 @@ def test_repeated_fits_of_one_config_in_one_session_write_the_same_metrics(ray_s
             "data": {"source": "csv", "path": str(tmp_path / "table.csv"), "label": "label", "in_memory": in_memory},
             "model": {"kind": "mlp", "hidden": [16], "dropout": 0.1}, "train": {"epochs": 2, "batch_size": 16},
             "scaling": {"num_workers": 1}, "run": {"name": f"again{i}", "storage_path": storage}})
-        frames.append(pd.read_csv(Path(fit(cfg)["run_dir"]) / "metrics.csv").drop(columns=list(MEASURED), errors="ignore"))
+        summary = fit(cfg)
+        assert summary["classes"] == (["high", "low", "mid"] if in_memory else [-1, 1])
+        assert summary["data"]["features"] == ["a", "b", "c", "d", "city=lima", "city=oslo", "city=rome", "city=<other>"]
+        frames.append(pd.read_csv(Path(summary["run_dir"]) / "metrics.csv").drop(columns=list(MEASURED), errors="ignore"))
     assert len(frames[0]) == 2 and {"train_loss", "val_loss", "val_accuracy"} <= set(frames[0].columns)
     for other in frames[1:]:
         pd.testing.assert_frame_equal(other, frames[0], check_exact=True)

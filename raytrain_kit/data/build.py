@@ -3,6 +3,7 @@ and their `DataSpec`."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -13,7 +14,8 @@ from raytrain_kit.config import Experiment
 from raytrain_kit.data.sources import Columns, check_local_file, read_table, select_columns, _schema
 from raytrain_kit.data.spec import DataSpec
 from raytrain_kit.data.split import preserved_order, split_by_key
-from raytrain_kit.data.encode import check_labels_known, encode_batch, feature_names, fit_preprocessing
+from raytrain_kit.data.images import array_shape, drop_bad_rows, pack_arrays, read_images
+from raytrain_kit.data.encode import check_labels_known, encode_batch, feature_names, fit_preprocessing, num_features
 from raytrain_kit.data.stats import _pack, _Stats, check_stats, collect_stats
 from raytrain_kit.errors import DataError
 
@@ -31,14 +33,20 @@ def build_datasets(cfg: Experiment, *, fitted: Optional[dict] = None) -> tuple[d
 def _build_datasets(cfg: Experiment, *, fitted: Optional[dict]) -> tuple[dict[str, ray.data.Dataset], DataSpec]:
     d = cfg.data
     check_local_file(cfg)
-    raw, where = read_table(cfg)
-    columns = select_columns(cfg, _schema(raw, where), where)
-    packed, stats, num_dropped = pack_table(cfg, raw, columns=columns, where=where)
+    if d.source == "images":
+        raw, where, shape, label_is_text = read_images(cfg)
+        columns = Columns(numeric=(), categorical=(), label_is_text=label_is_text, array="image", array_shape=shape)
+    else:
+        raw, where = read_table(cfg)
+        columns = select_columns(cfg, _schema(raw, where), where)
+        if columns.array:
+            columns = replace(columns, array_shape=array_shape(raw, columns.array, where))
+    packed, stats, notes = pack_table(cfg, raw, columns=columns, where=where)
     label = check_stats(cfg, stats, columns=columns, where=where)
     train, val, _ = split_by_key(packed, val_fraction=d.val_fraction, seed=cfg.train.seed)
     # Fitted on the training split only, so validation stays unseen.
     prep = fitted or fit_preprocessing(cfg, train, columns=columns, label=label, whole=stats, where=where)
-    prep = {**prep, "rows_dropped": num_dropped} if fitted is None else prep
+    prep = {**prep, **notes} if fitted is None else prep
     check_labels_known(cfg, val, prep, split="validation", where=where)
     if fitted:  # the data may have changed since the checkpoint's run fitted its classes
         check_labels_known(cfg, train, prep, split="training", where=where)
@@ -55,25 +63,39 @@ def _build_datasets(cfg: Experiment, *, fitted: Optional[dict]) -> tuple[dict[st
 
 
 def pack_table(cfg: Experiment, raw: ray.data.Dataset, *, columns: Columns, where: str
-               ) -> tuple[ray.data.Dataset, _Stats, int]:
-    """The table packed (`stats._pack`), its statistics, and with data.missing: drop the number of
-    rows left out for a missing value (the statistics are then those of the rows kept)."""
+               ) -> tuple[ray.data.Dataset, _Stats, dict]:
+    """The table packed (`stats._pack`, `images.pack_arrays`; images come decoded), its statistics
+    (of the rows kept), and what was left out: rows with a missing value (data.missing: drop),
+    image files that cannot be decoded (data.on_bad_file: skip). Raises DataError for bad rows
+    that are not skipped."""
     d = cfg.data
-    packed = raw.map_batches(_pack, batch_format="pandas", fn_kwargs=dict(
-        numeric=list(columns.numeric), categorical=list(columns.categorical), label=d.label,
-        label_is_text=columns.label_is_text))
+    if d.source == "images":
+        packed = raw  # decoded as it was read
+    elif columns.array:
+        packed = raw.map_batches(pack_arrays, batch_format="pandas", fn_kwargs=dict(
+            column=columns.array, shape=columns.array_shape, label=d.label, label_is_text=columns.label_is_text))
+    else:
+        packed = raw.map_batches(_pack, batch_format="pandas", fn_kwargs=dict(
+            numeric=list(columns.numeric), categorical=list(columns.categorical), label=d.label,
+            label_is_text=columns.label_is_text))
     packed = packed.materialize() if d.in_memory else packed  # read once: statistics, then the split
+    notes = {"rows_dropped": 0}
+    if columns.array:
+        packed, num_skipped, first = drop_bad_rows(cfg, packed, column=None if d.source == "images" else columns.array,
+                                                   shape=columns.array_shape, where=where)
+        if num_skipped:
+            packed = packed.materialize() if d.in_memory else packed
+            notes.update(files_skipped=num_skipped, first_skipped=first)
     stats = collect_stats(packed)
-    num_dropped = 0
     if d.missing == "drop" and stats.incomplete:
-        num_dropped = stats.incomplete
+        notes["rows_dropped"] = stats.incomplete
         packed = packed.map_batches(_drop_incomplete, batch_format="numpy")
         packed = packed.materialize() if d.in_memory else packed
         stats = collect_stats(packed)
     if stats.count < 2:
-        dropped = f" ({num_dropped} dropped for a missing value)" if num_dropped else ""
+        dropped = f" ({notes['rows_dropped']} dropped for a missing value)" if notes["rows_dropped"] else ""
         raise DataError(f"data.path: {where} has {stats.count} row(s){dropped}; need at least 2 to split")
-    return packed, stats, num_dropped
+    return packed, stats, notes
 
 
 def _drop_incomplete(batch: dict) -> dict:
@@ -85,13 +107,15 @@ def _drop_incomplete(batch: dict) -> dict:
 
 
 def _spec(cfg: Experiment, prep: dict, *, label_classes: int, where: str, num_train: int, num_val: int) -> DataSpec:
-    names = feature_names(prep)
-    input_shape = tuple(cfg.input_shape) if cfg.input_shape else (len(names),)
-    if int(np.prod(input_shape)) != len(names):
+    names, width = feature_names(prep), num_features(prep)
+    array = prep.get("array")
+    default = tuple(array["shape"]) if array else (width,)
+    input_shape = tuple(cfg.data.input_shape) if cfg.data.input_shape else tuple(cfg.input_shape or default)
+    if int(np.prod(input_shape)) != width:
         raise DataError(f"data.input_shape: {list(input_shape)} holds {int(np.prod(input_shape))} values, "
-                        f"but {where} has {len(names)} features")
+                        f"but {where} has {width} features" + (f" ({array['name']} {list(array['shape'])})" if array else ""))
     classes = prep["classes"] or [str(i) for i in range(label_classes)]
-    return DataSpec(num_features=len(names), num_classes=len(classes) if cfg.data.task == "classification" else 0,
+    return DataSpec(num_features=width, num_classes=len(classes) if cfg.data.task == "classification" else 0,
                     input_shape=input_shape, num_train_rows=num_train, num_val_rows=num_val,
                     feature_names=tuple(names), constant_features=tuple(prep["constant"]), classes=tuple(classes),
                     preprocessing=prep)

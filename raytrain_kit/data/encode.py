@@ -80,6 +80,8 @@ def fit_preprocessing(cfg: Experiment, train: ray.data.Dataset, *, columns, labe
     column with more values than data.max_categories when data.other_category is off, or for
     encoded labels with a single class."""
     d = cfg.data
+    if columns.array:
+        return _fit_array(cfg, train, columns=columns, label=label, where=where)
     impute = d.missing == "impute"
     scale = collect_stats(train) if (d.standardize or impute) and columns.numeric else None
     names = [f"c{i}" for i in range(len(columns.categorical))] + (["y"] if label.encoded else [])
@@ -97,6 +99,37 @@ def fit_preprocessing(cfg: Experiment, train: ray.data.Dataset, *, columns, labe
         "classes": _fit_classes(cfg, counts["y"], label=label, where=where) if label.encoded else None,
         "imputed": _imputed_cells(columns, whole) if impute else {},
     }
+    return prep
+
+
+def channel_axis(shape: tuple[int, ...]) -> int:
+    """The axis an array is normalized along: channels of [C, H, W], features of a sequence [T, F],
+    each element of a vector."""
+    return 0 if len(shape) == 3 else len(shape) - 1
+
+
+def _fit_array(cfg: Experiment, train: ray.data.Dataset, *, columns, label: LabelPlan, where: str) -> dict:
+    """One array feature: mean and standard deviation per channel (`channel_axis`) over the
+    training split, each element's moments merged with Chan et al.'s update (`merge_moments`)."""
+    shape = tuple(columns.array_shape)
+    prep = {"numeric": [], "pivot": None, "offset": None, "scale": None, "constant": [], "impute_numeric": None,
+            "categorical": [], "imputed": {},
+            "array": {"name": columns.array, "shape": list(shape), "axis": channel_axis(shape)},
+            "classes": _fit_classes(cfg, count_values(train, ["y"])["y"], label=label, where=where) if label.encoded else None}
+    if not cfg.data.standardize:
+        return prep
+    stats = collect_stats(train)
+    axis = channel_axis(shape)
+    # Each element's (pivot, offset, M2) -> the channel's, vectorized: the pairwise update of
+    # Chan, Golub and LeVeque (1979) summed over equal counts (every row holds every element).
+    by_channel = lambda a: np.moveaxis(np.asarray(a, dtype=np.float64).reshape(shape), axis, 0).reshape(shape[axis], -1)
+    pivot, offset, m2 = by_channel(stats.pivot), by_channel(stats.offset), by_channel(stats.std ** 2 * stats.count)
+    deviation = (pivot - pivot[:, :1]) + offset  # each element's mean from its channel's first pivot, exactly
+    channel_offset = deviation.mean(axis=1)
+    channel_m2 = m2.sum(axis=1) + stats.count * ((deviation - channel_offset[:, None]) ** 2).sum(axis=1)
+    channel_std = np.sqrt(channel_m2 / (stats.count * pivot.shape[1]))
+    prep["pivot"], prep["offset"] = pivot[:, 0].tolist(), channel_offset.tolist()
+    prep["scale"] = np.where(channel_std > CONSTANT_STD, channel_std, 1.0).tolist()
     return prep
 
 
@@ -166,6 +199,8 @@ def encode_batch(batch: dict, *, prep: dict, classification: bool) -> dict:
     reads it: `x` float32 (N, num_features), numeric columns imputed and standardized, then each
     categorical column's indicators; `y` int64 class indices (classification) or float32."""
     x = np.asarray(batch["x"], dtype=np.float64)
+    if prep.get("array"):
+        return {"x": _normalize_array(x, prep), "y": encode_labels(batch["y"], prep=prep, classification=classification)}
     if prep["impute_numeric"] is not None:
         x = np.where(np.isnan(x), np.asarray(prep["impute_numeric"]), x)
     if prep["pivot"] is not None:
@@ -175,6 +210,18 @@ def encode_batch(batch: dict, *, prep: dict, classification: bool) -> dict:
     parts += [_one_hot(batch[f"c{i}"], category) for i, category in enumerate(prep["categorical"])]
     features = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     return {"x": features, "y": encode_labels(batch["y"], prep=prep, classification=classification)}
+
+
+def _normalize_array(x: np.ndarray, prep: dict) -> np.ndarray:
+    if prep["pivot"] is None:
+        return x.astype(np.float32)
+    shape, axis = prep["array"]["shape"], prep["array"]["axis"]
+    along = [1] * len(shape)
+    along[axis] = shape[axis]  # channel statistics broadcast over the other axes
+    view = lambda values: np.asarray(values, dtype=np.float64).reshape(along)
+    arrays = x.reshape(len(x), *shape)
+    arrays = ((arrays - view(prep["pivot"])) - view(prep["offset"])) / view(prep["scale"])
+    return arrays.reshape(len(x), -1).astype(np.float32)
 
 
 def _one_hot(values: np.ndarray, category: dict) -> np.ndarray:
@@ -205,8 +252,18 @@ def encode_labels(y: np.ndarray, *, prep: dict, classification: bool) -> np.ndar
                        dtype=np.int64, count=len(y))
 
 
+def num_features(prep: dict) -> int:
+    """The width of the model's input row."""
+    if prep.get("array"):
+        return int(np.prod(prep["array"]["shape"]))
+    return len(feature_names(prep))
+
+
 def feature_names(prep: dict) -> list[str]:
-    """The model's input features in order: numeric columns, then `column=value` indicators."""
+    """The model's input features in order: numeric columns, then `column=value` indicators; for
+    an array feature, its name and shape (one entry)."""
+    if prep.get("array"):
+        return [f"{prep['array']['name']}{prep['array']['shape']}"]
     names = list(prep["numeric"])
     for category in prep["categorical"]:
         names += [f"{category['name']}={v}" for v in category["values"]]
@@ -218,6 +275,12 @@ def describe_preprocessing(prep: dict, *, num_dropped: int = 0) -> Optional[str]
     """The line a run prints about what the data needed: rows dropped, cells imputed, categorical
     columns encoded, labels numbered; None when the table was used as it is."""
     parts = []
+    if prep.get("files_skipped"):
+        parts.append(f"skipped {prep['files_skipped']} image file(s) that cannot be decoded (the first: "
+                     f"{prep['first_skipped']})")
+    if prep.get("array") and prep["pivot"] is not None:
+        shown = ", ".join(f"{p + o:.3g}" for p, o in zip(prep["pivot"], prep["offset"]))
+        parts.append(f"{prep['array']['name']} {prep['array']['shape']} normalized per channel (training mean {shown})")
     if num_dropped:
         parts.append(f"{num_dropped} row(s) with a missing value dropped")
     if prep.get("imputed"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,7 @@ import pyarrow as pa
 import ray
 
 from raytrain_kit.config import Experiment
+from raytrain_kit.data.images import is_array_type
 from raytrain_kit.errors import DataError, short_message
 
 
@@ -176,6 +178,8 @@ class Columns:
     numeric: tuple[str, ...]
     categorical: tuple[str, ...]
     label_is_text: bool = False
+    array: Optional[str] = None  # the one feature, when it is an array (images, a Parquet list/tensor column)
+    array_shape: tuple[int, ...] = ()
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -213,8 +217,12 @@ def select_columns(cfg: Experiment, schema, where: str) -> Columns:
         raise DataError(f"data.categorical: column(s) {', '.join(map(repr, unused))} are not features "
                         f"(the label, or left out of data.features); list only feature columns")
     types = dict(zip(schema.names, schema.types))
-    problems = [f"column {c!r} in {where} is {types[c]}, neither numbers nor text; drop it from data.features"
-                for c in features if not _numeric(types[c]) and not _textual(types[c])]
+    arrays = [c for c in features if is_array_type(types[c])]
+    if arrays and len(features) > 1:
+        raise DataError(f"data.features: the array column {arrays[0]!r} in {where} must be the only feature "
+                        f"(it is one of {len(features)}); list it alone in data.features")
+    problems = [f"column {c!r} in {where} is {types[c]}, neither numbers, text nor arrays; drop it from data.features"
+                for c in features if not _numeric(types[c]) and not _textual(types[c]) and c not in arrays]
     label_is_text = _textual(types[d.label])
     if not _numeric(types[d.label]) and not label_is_text:
         problems.append(f"label column {d.label!r} in {where} is {types[d.label]}, neither numbers nor text")
@@ -223,6 +231,8 @@ def select_columns(cfg: Experiment, schema, where: str) -> Columns:
                         "(or set data.task: classification)")
     if problems:
         raise DataError(*problems)
+    if arrays:
+        return Columns(numeric=(), categorical=(), label_is_text=label_is_text, array=arrays[0])
     categorical = [c for c in features if c in listed or _textual(types[c])]
     return Columns(numeric=tuple(c for c in features if c not in categorical), categorical=tuple(categorical),
                    label_is_text=label_is_text)

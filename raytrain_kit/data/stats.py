@@ -176,6 +176,9 @@ def check_stats(cfg: Experiment, stats: _Stats, *, columns, where: str) -> Label
     """Raise a DataError naming each bad column; say how the labels become classes."""
     d = cfg.data
     problems = _missing_problems(cfg, stats, columns=columns, where=where)
+    if columns.array and int(np.sum(stats.bad_x)):
+        problems.append(f"column {columns.array!r} in {where} holds {int(np.sum(stats.bad_x))} NaN or inf value(s) "
+                        "in its arrays; clean them")
     if stats.bad_y:
         kind = "missing" if columns.label_is_text or stats.missing_y == stats.bad_y else "NaN, inf or missing"
         problems.append(f"label column {d.label!r} in {where} has {stats.bad_y} {kind} value(s)"
