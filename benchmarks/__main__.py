@@ -62,9 +62,15 @@ def rows_of(name: str, r: dict) -> list[tuple[str, str, str, str, str]]:
                          f"{r['over_floor']:.3f}x", f"<= {r['floor_goal']}x"))
         return rows
     if name == "ingest":
-        return [("ingest (Parquet -> batches)", f"{r['ingest_rows_per_s']:,.0f} rows/s",
+        rows = [("ingest (Parquet -> batches)", f"{r['ingest_rows_per_s']:,.0f} rows/s",
                  f"{r['train_step_rows_per_s']:,.0f} rows/s (training step)", f"{r['ratio']:.2f}x",
                  f">= {r['goal']}x")]
+        if "images" in r:
+            i = r["images"]
+            rows.append(("ingest (image folder -> decoded batches)", f"{i['decoded_images_per_s']:,.0f} images/s",
+                         f"{i['cnn_two_workers_images_per_s']:,.0f} images/s (digits CNN, 2 workers)",
+                         f"{i['ratio']:.2f}x", f">= {i['goal']}x"))
+        return rows
     if name == "end_to_end":
         kit = f"{r['kit_s']:.1f} s" if r["kit_s"] else "not reached"
         ref = f"{r['plain_s']:.1f} s" if r["plain_s"] else "not reached"

@@ -32,6 +32,38 @@ def preserved_order():
         context.execution_options.preserve_order = before
 
 
+ONE_TASK_SORT_BYTES = 64 * 2**20  # a keyed table up to this size is sorted by one task, its keys read whole
+
+
+def sort_by_key(keyed: ray.data.Dataset) -> ray.data.Dataset:
+    """The table in key order. Ray Data's distributed sort (sample, partition, merge) costs 5-9 s
+    of tasks on 2 cores even for a few thousand rows; a table that fits one task's memory is
+    gathered into one block and sorted there in milliseconds. Either way the rows come out in
+    the same order (identical rows share a key and are interchangeable), so the split does not
+    depend on which path ran."""
+    if keyed.size_bytes() > ONE_TASK_SORT_BYTES:
+        return keyed.sort("key").materialize()
+    return keyed.repartition(1).map_batches(_sorted_block, batch_size=None, batch_format="numpy").materialize()
+
+
+def sorted_keys(keyed: ray.data.Dataset) -> np.ndarray:
+    """The key column of a table `sort_by_key` returned, in order: a small table's one block is
+    fetched as it is (a Ray Data pass over it would cost seconds of start-up); a large one's key
+    column alone is streamed to the driver (8 bytes a row)."""
+    if keyed.size_bytes() > ONE_TASK_SORT_BYTES:
+        return np.concatenate([b["key"] for b in keyed.select_columns(["key"]).iter_batches(
+            batch_size=None, batch_format="numpy")])
+    from ray.data.block import BlockAccessor
+
+    refs = [entry.ref for bundle in keyed.iter_internal_ref_bundles() for entry in bundle.blocks]
+    return np.concatenate([BlockAccessor.for_block(block).to_numpy("key") for block in ray.get(refs)])
+
+
+def _sorted_block(batch: dict) -> dict:
+    order = np.argsort(batch["key"], kind="stable")
+    return {name: values[order] for name, values in batch.items()}
+
+
 def split_by_key(packed: ray.data.Dataset, *, val_fraction: float, seed: int
                  ) -> tuple[ray.data.Dataset, ray.data.Dataset, int]:
     """The seeded train/validation split: rows ordered by `row_keys` (a seeded hash of each
@@ -40,9 +72,8 @@ def split_by_key(packed: ray.data.Dataset, *, val_fraction: float, seed: int
     and so a side: a duplicate never sits on both. Only the keys (8 bytes a row) come to the
     driver. Returns (train, val, number of validation rows); both keep the key order, which the
     per-epoch shuffles start from. Raises DataError when a side would be empty."""
-    keyed = packed.map_batches(_add_key, batch_format="numpy", fn_kwargs={"seed": seed}).sort("key").materialize()
-    keys = np.concatenate([b["key"] for b in keyed.select_columns(["key"]).iter_batches(batch_size=None,
-                                                                                      batch_format="numpy")])
+    keyed = sort_by_key(packed.map_batches(_add_key, batch_format="numpy", fn_kwargs={"seed": seed}).materialize())
+    keys = sorted_keys(keyed)
     wanted = len(keys) - int(len(keys) * (1 - val_fraction))  # as Ray's train_test_split counts
     cut = int(np.searchsorted(keys, keys[min(wanted, len(keys) - 1)], side="left")) if wanted else 0
     if cut == 0 and wanted:  # the first key's duplicates fill the whole wanted share: take them all
