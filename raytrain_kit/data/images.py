@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 import ray
 
 from raytrain_kit.config import Experiment
+from raytrain_kit.data.stats import _as_text
 from raytrain_kit.errors import DataError, short_message
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -189,8 +190,6 @@ def _nested(value):
 def pack_arrays(frame: pd.DataFrame, *, column: str, shape: tuple[int, ...], label: str, label_is_text: bool) -> dict:
     """Rows of one array column as `x` (float64 (N, prod(shape))) and `y`; a row of another shape
     (or with a missing array) is zeros marked bad."""
-    from raytrain_kit.data.stats import _as_text
-
     size = int(np.prod(shape))
     x = np.zeros((len(frame), size), dtype=np.float64)
     bad = []
