@@ -31,8 +31,7 @@ from raytrain_kit import checkpoint as ckpt
 from raytrain_kit import cluster
 from raytrain_kit.cluster import connect, started_embedded_ray
 from raytrain_kit.config import Experiment, to_yaml
-from raytrain_kit.data import (DataSpec, build_datasets, describe_constant_features, describe_preprocessing, spec_to_dict,
-                               split_for_workers)
+from raytrain_kit.data import DataSpec, build_datasets, describe_data, spec_to_dict, split_for_workers
 from raytrain_kit.errors import ConfigError, KitError, RunError, short_message, traceback_text
 from raytrain_kit.models import build_model
 from raytrain_kit.parallel import check_blocks, is_sharded
@@ -448,10 +447,8 @@ def open_run(cfg: Experiment, *, resume: bool, datasets_and_spec: Optional[tuple
     fitted = checkpoint_preprocessing(directory) if resume and not datasets_and_spec else None
     datasets, spec = datasets_and_spec or build_datasets(cfg, fitted=fitted)
     if datasets_and_spec is None:  # a sweep's driver said these once
-        for line in (describe_preprocessing(spec.preprocessing, num_dropped=spec.preprocessing.get("rows_dropped", 0)),
-                     describe_constant_features(spec)):
-            if line:
-                log(line)
+        for line in describe_data(spec):
+            log(line)
         if fitted:
             log("resume: the data is transformed as the run's checkpoint was (its fitted preprocessing)")
     check_streaming_resources(cfg, datasets)

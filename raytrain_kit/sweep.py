@@ -28,7 +28,7 @@ from ray import tune
 
 from raytrain_kit import launch
 from raytrain_kit.config import Experiment, SearchDomain, to_yaml, with_overrides
-from raytrain_kit.data import DataSpec, build_datasets, build_folds, describe_constant_features, describe_preprocessing
+from raytrain_kit.data import DataSpec, build_datasets, build_folds, describe_data
 from raytrain_kit.errors import ConfigError, RunError, short_message
 from raytrain_kit.preflight import run_preflight
 from raytrain_kit.tracking import check_tracking, end_mlflow_run, start_mlflow_run
@@ -513,10 +513,8 @@ def prepare_trial_data(cfg: Experiment, plan: SweepPlan, *, log: Callable[[str],
     """The data every trial shares, built and checked once by the sweep driver: the datasets
     (and the gradient check on them), then one (datasets, spec) per CV fold, or the split itself."""
     datasets, spec = build_datasets(cfg)
-    for line in (describe_preprocessing(spec.preprocessing, num_dropped=spec.preprocessing.get("rows_dropped", 0)),
-                 describe_constant_features(spec)):
-        if line:
-            log(line)
+    for line in describe_data(spec):
+        log(line)
     if cfg.preflight.enabled:
         report = run_preflight(cfg, datasets["train"], spec)
         log(f"preflight: gradient check {report.status} ({report.num_parameters:,} parameters, {report.seconds:.2f} s)")

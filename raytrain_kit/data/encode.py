@@ -271,7 +271,7 @@ def feature_names(prep: dict) -> list[str]:
     return names
 
 
-def describe_preprocessing(prep: dict, *, num_dropped: int = 0) -> Optional[str]:
+def describe_preprocessing(prep: dict) -> Optional[str]:
     """The line a run prints about what the data needed: rows dropped, cells imputed, categorical
     columns encoded, labels numbered; None when the table was used as it is."""
     parts = []
@@ -281,8 +281,8 @@ def describe_preprocessing(prep: dict, *, num_dropped: int = 0) -> Optional[str]
     if prep.get("array") and prep["pivot"] is not None:
         shown = ", ".join(f"{p + o:.3g}" for p, o in zip(prep["pivot"], prep["offset"]))
         parts.append(f"{prep['array']['name']} {prep['array']['shape']} normalized per channel (training mean {shown})")
-    if num_dropped:
-        parts.append(f"{num_dropped} row(s) with a missing value dropped")
+    if prep.get("rows_dropped"):
+        parts.append(f"{prep['rows_dropped']} row(s) with a missing value dropped")
     if prep.get("imputed"):
         parts.append(f"imputed {sum(prep['imputed'].values())} cell(s) from the training split ("
                      + ", ".join(f"{name} {n}" for name, n in prep["imputed"].items()) + ")")

@@ -42,6 +42,15 @@ def describe_constant_features(spec: DataSpec, limit: int = 8) -> Optional[str]:
             "(they carry no information; drop them from data.features)")
 
 
+def describe_data(spec: DataSpec) -> list[str]:
+    """The lines a run (or a sweep's driver) prints about its data: what the preprocessing did,
+    and the constant columns."""
+    from raytrain_kit.data.encode import describe_preprocessing
+
+    return [line for line in (describe_preprocessing(spec.preprocessing) if spec.preprocessing else None,
+                              describe_constant_features(spec)) if line]
+
+
 def spec_to_dict(spec: DataSpec) -> dict:
     """The spec as plain data, for a Ray task's or Train worker's config."""
     return {**asdict(spec), "input_shape": list(spec.input_shape), "feature_names": list(spec.feature_names),

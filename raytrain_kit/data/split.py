@@ -14,6 +14,7 @@ import ray
 
 from raytrain_kit.config import Experiment
 from raytrain_kit.data.spec import DataSpec
+from raytrain_kit.data.stats import categorical_columns
 from raytrain_kit.errors import DataError
 
 
@@ -127,7 +128,7 @@ def _text_bits(column: np.ndarray) -> np.ndarray:
 
 
 def _add_key(batch: dict, *, seed: int) -> dict:
-    text = tuple(batch[f"c{i}"] for i in range(len(batch)) if f"c{i}" in batch)
+    text = tuple(categorical_columns(batch))
     return {**batch, "key": row_keys(batch["x"], batch["y"], seed=seed, text=text)}
 
 

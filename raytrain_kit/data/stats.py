@@ -28,6 +28,11 @@ def _pack(frame: pd.DataFrame, *, numeric: list[str], categorical: list[str], la
     return {"x": x, "y": y, **{f"c{i}": _as_text(frame[c]) for i, c in enumerate(categorical)}}
 
 
+def categorical_columns(batch: dict) -> list:
+    """A packed batch's categorical columns `c0`, `c1`, ..., in order."""
+    return [batch[f"c{i}"] for i in range(len(batch)) if f"c{i}" in batch]
+
+
 def _as_text(column: pd.Series) -> np.ndarray:
     """A column's values as text, None where missing; whole numbers without a decimal point, so a
     code column reads '3' whether CSV typed it int or float."""
@@ -48,7 +53,7 @@ def _block_stats(batch: dict) -> dict:
     x = batch["x"].astype(np.float64)
     y = batch["y"]
     text_label = y.dtype.kind in "OUS"
-    categorical = [batch[f"c{i}"] for i in range(sum(1 for k in batch if k.startswith("c") and k[1:].isdigit()))]
+    categorical = categorical_columns(batch)
     finite_x = np.isfinite(x)
     n = finite_x.sum(axis=0)
     # The mean as pivot + offset: the pivot is one of the column's own values, so x - pivot is
