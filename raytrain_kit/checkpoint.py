@@ -42,6 +42,23 @@ CONFUSION_FILE = "confusion.json"  # classification: the epoch's validation conf
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint of {"model": ..., "optimizer": ...}
 
 
+def checkpoints_to_keep(names: list[str], scores: dict[str, float], *, keep: int, mode: str) -> list[str]:
+    """Which of a run's checkpoints to keep, as Ray Train's checkpoint manager chooses under
+    `CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=..., checkpoint_score_order=mode)`:
+    the `keep` best by score (a missing or NaN score is the worst; of equal scores the later is
+    better) and always the latest, which `--resume` continues from. `names` are oldest first;
+    returns the kept ones in the same order."""
+    def rank(item: tuple[int, str]) -> tuple[bool, float, int]:
+        index, name = item
+        score = scores.get(name, float("nan"))
+        finite = score == score  # NaN != NaN
+        return (finite, (score if mode == "max" else -score) if finite else 0.0, index)
+
+    best = sorted(enumerate(names), key=rank)[-keep:]
+    kept = {name for _, name in best} | set(names[-1:])
+    return [n for n in names if n in kept]
+
+
 def _rng_file(rank: int) -> str:
     return f"rng_rank{rank}.pt"
 

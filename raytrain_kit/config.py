@@ -230,7 +230,7 @@ class CheckpointConfig(_Section):
     every_epochs: int = Field(default=1, ge=1)
     """Save a checkpoint every this many epochs; the last epoch is always saved."""
     keep: int = Field(default=2, ge=1)
-    """Checkpoints kept: the latest this many (summary.json points at the best epoch's if it is among them)."""
+    """Checkpoints kept: the best this many by train.metric, and always the latest (where --resume continues); summary.json points at the best."""
 
 
 class RunConfig(_Section):

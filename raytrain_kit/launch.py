@@ -282,7 +282,9 @@ def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=
             name=cfg.run.name, storage_path=storage_root(cfg), callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep)),
+            # The best `keep` by the run's metric, and always the latest (Ray Train keeps it).
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep, checkpoint_score_attribute=cfg.metric,
+                                               checkpoint_score_order=cfg.mode)),
         datasets=None if in_memory else datasets,
         # Ordered execution makes the split of rows across workers the same on every run.
         dataset_config=DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
@@ -334,20 +336,22 @@ def startup_seconds(times: dict) -> dict[str, float]:
 
 
 def best_of(history: list[dict], *, metric: str, mode: str) -> Optional[dict]:
-    scored = [h for h in history if metric in h]
+    """The best epoch by `metric`, NaN never; of equal values the later, as the checkpoints kept
+    choose (`checkpoint.checkpoints_to_keep`), so the best epoch's checkpoint is always kept."""
+    scored = [h for h in history if metric in h and h[metric] == h[metric]]
     if not scored:
         return None
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda h: h[metric])
+    sign = 1 if mode == "max" else -1
+    return max(scored, key=lambda h: (sign * h[metric], h["epoch"]))
 
 
 def summarize(cfg: Experiment, history: list[dict], *, status: str, error: Optional[str], wall_s: float) -> dict:
     best = best_of(history, metric=cfg.metric, mode=cfg.mode)
     kept = checkpoint_dirs(run_dir(cfg))
-    # The best epoch's checkpoint if it is still kept, else the latest one.
-    checkpoint = kept.get(best["epoch"]) if best else None
-    if checkpoint is None and kept:
-        checkpoint = kept[max(kept)]
+    # The best saved epoch's checkpoint (checkpoint.keep keeps the best, by the same rule), else
+    # the latest (no metric yet).
+    best_saved = best_of([h for h in history if h["epoch"] in kept], metric=cfg.metric, mode=cfg.mode)
+    checkpoint = kept[best_saved["epoch"]] if best_saved else kept[max(kept)] if kept else None
     return {
         "status": status, "error": error, "metric": cfg.metric, "mode": cfg.mode,
         "best_value": best[cfg.metric] if best else None, "best_epoch": best["epoch"] if best else None,

@@ -11,8 +11,8 @@ Ray Train's local mode persists nothing (Ray 2.60), so this module writes, regis
 its checkpoints itself, in the same layout under the run's storage as Ray Train's: each epoch's
 `checkpoint_epoch_NNNN/` is written beside its final name and renamed into place (uploaded, at a
 URI), then listed in the run's `checkpoints.json` (the registry `launch.checkpoint_dirs` reads
-where Ray Train's snapshot is absent); only then are the checkpoints beyond `checkpoint.keep`
-removed. A crash between the steps leaves at most an unregistered directory, which the run's end
+where Ray Train's snapshot is absent); only then are the ones `checkpoint.keep` does not keep
+removed (the best by the run's metric and the latest are kept, as Ray Train chooses). A crash between the steps leaves at most an unregistered directory, which the run's end
 removes. Exercised by `raytrain-kit tune jobs/sweep_digits.yaml`.
 """
 
@@ -38,7 +38,8 @@ from raytrain_kit.loop import InMemoryData, StreamedData, TrainState, build_trai
     write_checkpoint
 from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file
 
-REGISTRY_FILE = "checkpoints.json"  # {"checkpoints": [names, oldest first]}: what an in-process run registered
+# {"checkpoints": [names, oldest first], "scores": {name: the run's metric}}: what an in-process run registered
+REGISTRY_FILE = "checkpoints.json"
 _PIECES_KEPT = 8  # datasets whose tensors a trial process keeps (a sweep's folds), most recent first
 _pieces: "OrderedDict[int, tuple[dict, tuple]]" = OrderedDict()
 
@@ -114,9 +115,16 @@ def registered_checkpoints(directory: str) -> Optional[list[str]]:
     return json.loads(read_run_file(directory, REGISTRY_FILE))["checkpoints"]
 
 
+def _registered_scores(directory: str) -> dict[str, float]:
+    if not path_exists(f"{directory}/{REGISTRY_FILE}"):
+        return {}
+    return json.loads(read_run_file(directory, REGISTRY_FILE)).get("scores", {})
+
+
 def save_checkpoint(state: TrainState, directory: str) -> str:
-    """Write the checkpoint of the epoch just completed into the run's storage, register it, then
-    remove the registered ones beyond `checkpoint.keep` (the latest are kept, as Ray Train does).
+    """Write the checkpoint of the epoch just completed into the run's storage, register it with
+    its score (the run's metric), then remove the registered ones `checkpoint.keep` does not keep
+    (`checkpoint.checkpoints_to_keep`: the best by score and the latest, as Ray Train does).
     Returns its path."""
     name = f"{ckpt.CHECKPOINT_PREFIX}{state.epoch:04d}"
     target = f"{directory}/{name}"
@@ -142,8 +150,9 @@ def save_checkpoint(state: TrainState, directory: str) -> str:
             os.rmdir(target)  # emptied above
         os.rename(staging, target)  # atomic: the directory appears whole or not at all
     names = [n for n in registered_checkpoints(directory) or [] if n != name] + [name]
-    kept, dropped = names[-state.cfg.checkpoint.keep:], names[:-state.cfg.checkpoint.keep]
-    write_run_file(directory, REGISTRY_FILE, json.dumps({"checkpoints": kept}))
-    for old in dropped:
+    scores = {**_registered_scores(directory), name: state.history[-1].get(state.cfg.metric, float("nan"))}
+    kept = ckpt.checkpoints_to_keep(names, scores, keep=state.cfg.checkpoint.keep, mode=state.cfg.mode)
+    write_run_file(directory, REGISTRY_FILE, json.dumps({"checkpoints": kept, "scores": {n: scores[n] for n in kept}}))
+    for old in (n for n in names if n not in kept):
         fs.delete_dir(f"{filesystem(directory)[1]}/{old}")
     return target

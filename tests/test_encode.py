@@ -145,6 +145,7 @@ def test_penguins_train_beside_scikit_learn_and_resume_and_export_keep_the_fitte
     confusion = np.array(summary["confusion"])
     assert confusion.shape == (3, 3) and confusion.sum() == len(y_val) == spec.num_val_rows
     epoch = int(summary["checkpoint"].rsplit("_", 1)[1])  # the confusion is the summary checkpoint's
+    assert epoch == summary["best_epoch"]  # kept: checkpoint.keep keeps the best (it once kept the latest two)
     assert np.trace(confusion) / confusion.sum() == pytest.approx(summary["history"][epoch - 1]["val_accuracy"])
     from PIL import Image
 

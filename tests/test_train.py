@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain_kit.checkpoint import MODEL_FILE
+from raytrain_kit.checkpoint import MODEL_FILE, checkpoints_to_keep
 from raytrain_kit.config import build_experiment, with_overrides
 from raytrain_kit.data import DataSpec
 from raytrain_kit.errors import ConfigError, RunError
-from raytrain_kit.launch import fit
+from raytrain_kit.launch import best_of, fit
 from raytrain_kit.models import build_model
 from raytrain_kit.optim import build_optimizer, build_scheduler
 from raytrain_kit.steps import train_epoch
@@ -79,6 +79,23 @@ def _resume_config(storage: str, name: str, **kwargs):
 COMPARED = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss", "val_accuracy")
 
 
+def test_checkpoints_kept_are_the_best_by_the_metric_and_always_the_latest():
+    """checkpoint.keep: 2 once pruned a penguins run's best epoch (the latest two were kept)."""
+    names = [f"checkpoint_epoch_{e:04d}" for e in range(1, 7)]
+    accuracy = dict(zip(names, [0.80, 0.97, 0.91, 0.97, float("nan"), 0.85]))
+    # Of equal scores the later is better; NaN is the worst; the latest is kept whatever its score.
+    assert checkpoints_to_keep(names, accuracy, keep=2, mode="max") == [names[1], names[3], names[5]]
+    assert checkpoints_to_keep(names, accuracy, keep=1, mode="max") == [names[3], names[5]]
+    assert checkpoints_to_keep(names, accuracy, keep=6, mode="max") == names
+    loss = {names[0]: 0.9, names[1]: 0.3, names[2]: 0.5}  # the rest unscored: the worst
+    assert checkpoints_to_keep(names[:4], loss, keep=1, mode="min") == [names[1], names[3]]
+    assert checkpoints_to_keep(names[:3], loss, keep=2, mode="min") == [names[1], names[2]]
+    # The summary's best epoch follows the same rule, so its checkpoint is always among the kept.
+    history = [{"epoch": i + 1, "val_accuracy": v} for i, v in enumerate(accuracy.values())]
+    assert best_of(history, metric="val_accuracy", mode="max")["epoch"] == 4
+    assert best_of([{"epoch": 1, "val_loss": float("nan")}], metric="val_loss", mode="min") is None
+
+
 def test_resume_after_failure_continues_exactly(ray_session, storage):
     full = fit(_resume_config(storage, "uninterrupted"))
     steps_per_epoch = 960 // 2 // 32  # 960 training rows over 2 workers, batch 32
@@ -93,11 +110,13 @@ def test_resume_after_failure_continues_exactly(ray_session, storage):
     assert [m["epoch"] for m in seen] == [3, 4]  # starts after the checkpointed epoch
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]  # every epoch exactly once
     assert resumed["status"] == "finished" and resumed["epochs_completed"] == 4
-    # checkpoint.keep: 2 keeps the latest two; the summary points at the best epoch's if kept.
-    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0003", "checkpoint_epoch_0004"]
-    best_epoch = max(resumed["history"], key=lambda h: h["val_accuracy"])["epoch"]
-    expected = best_epoch if best_epoch >= 3 else 4
-    assert resumed["checkpoint"] == str(run_dir / f"checkpoint_epoch_{expected:04d}")
+    # checkpoint.keep: 2 keeps the best two by val_accuracy (Ray Train's choice, across the resume)
+    # and the latest; the summary points at the best epoch's.
+    names = [f"checkpoint_epoch_{h['epoch']:04d}" for h in resumed["history"]]
+    scores = {n: h["val_accuracy"] for n, h in zip(names, resumed["history"])}
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == checkpoints_to_keep(names, scores, keep=2, mode="max")
+    assert resumed["best_epoch"] == max(resumed["history"], key=lambda h: (h["val_accuracy"], h["epoch"]))["epoch"]
+    assert resumed["checkpoint"] == str(run_dir / f"checkpoint_epoch_{resumed['best_epoch']:04d}")
     # Model, optimizer, schedule, shuffling and dropout RNG all restored: the resumed run is the
     # uninterrupted run, metric for metric (same config, seed and worker count).
     for mine, theirs in zip(resumed["history"], full["history"]):

@@ -57,12 +57,14 @@ def test_in_process_trial_writes_the_metrics_a_torchtrainer_run_writes(ray_sessi
     pd.testing.assert_frame_equal(a, b, check_exact=True)  # identical, not close
     steps_a, steps_b = pd.read_csv(in_process / "steps.csv"), pd.read_csv(under_trainer / "steps.csv")
     assert len(steps_a) == 3 * 23 and steps_a.equals(steps_b)  # 1,437 rows in batches of 64: 23 steps an epoch
-    # The kit registered and pruned its own checkpoints, as Ray Train does for its runs: the latest 2.
-    assert json.loads((in_process / REGISTRY_FILE).read_text()) == {"checkpoints": ["checkpoint_epoch_0002",
-                                                                                    "checkpoint_epoch_0003"]}
-    assert sorted(p.name for p in in_process.iterdir() if p.name.startswith("checkpoint_epoch")) == [
-        "checkpoint_epoch_0002", "checkpoint_epoch_0003"]
-    assert sorted(checkpoint_dirs(str(in_process))) == [2, 3]
+    # The kit registered and pruned its own checkpoints as Ray Train does for its runs: the best 2
+    # by val_accuracy and the latest, each with its score.
+    registry = json.loads((in_process / REGISTRY_FILE).read_text())
+    kept = sorted(checkpoint_dirs(str(under_trainer)))
+    assert [int(n.rsplit("_", 1)[1]) for n in registry["checkpoints"]] == kept and 2 <= len(kept) <= 3
+    assert registry["scores"] == {f"checkpoint_epoch_{e:04d}": a.loc[e - 1, "val_accuracy"] for e in kept}
+    assert sorted(p.name for p in in_process.iterdir() if p.name.startswith("checkpoint_epoch")) == registry["checkpoints"]
+    assert sorted(checkpoint_dirs(str(in_process))) == kept
     trial_summary = json.loads((in_process / "summary.json").read_text())
     trainer_summary = json.loads((under_trainer / "summary.json").read_text())
     assert trial_summary["status"] == "finished" and trial_summary["best_value"] == trainer_summary["best_value"]
