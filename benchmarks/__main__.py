@@ -65,11 +65,12 @@ def rows_of(name: str, r: dict) -> list[tuple[str, str, str, str, str]]:
         rows = [("ingest (Parquet -> batches)", f"{r['ingest_rows_per_s']:,.0f} rows/s",
                  f"{r['train_step_rows_per_s']:,.0f} rows/s (training step)", f"{r['ratio']:.2f}x",
                  f">= {r['goal']}x")]
-        if "images" in r:
-            i = r["images"]
-            rows.append(("ingest (image folder -> decoded batches)", f"{i['decoded_images_per_s']:,.0f} images/s",
-                         f"{i['cnn_two_workers_images_per_s']:,.0f} images/s (digits CNN, 2 workers)",
-                         f"{i['ratio']:.2f}x", f">= {i['goal']}x"))
+        for key, what in (("images", "8x8 gray"), ("images_rgb", "32x32 RGB")):
+            if key in r:
+                i = r[key]
+                rows.append((f"ingest (image folder, {what} -> decoded batches)", f"{i['decoded_images_per_s']:,.0f} images/s",
+                             f"{i['cnn_two_workers_images_per_s']:,.0f} images/s (the CNN, 2 workers)",
+                             f"{i['ratio']:.2f}x", f">= {i['goal']}x"))
         return rows
     if name == "end_to_end":
         kit = f"{r['kit_s']:.1f} s" if r["kit_s"] else "not reached"

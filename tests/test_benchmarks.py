@@ -26,7 +26,8 @@ FIGURES = {
                 "relative_to_plain_ddp"],
     "startup": ["kit_s", "torchrun_s", "ratio", "kit_stages_s.ray_ready", "kit_stages_s.first_step"],
     "ingest": ["ingest_rows_per_s", "train_step_rows_per_s", "ratio", "images.decoded_images_per_s",
-               "images.cnn_two_workers_images_per_s", "images.ratio"],
+               "images.cnn_two_workers_images_per_s", "images.ratio", "images_rgb.decoded_images_per_s",
+               "images_rgb.cnn_two_workers_images_per_s", "images_rgb.ratio"],
     "end_to_end": ["kit_s", "plain_s", "ratio"],
 }
 
@@ -63,10 +64,10 @@ def test_quick_harness_runs_every_benchmark_and_emits_every_figure(tmp_path):
             assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (name, dotted, value)
     # The table has a row per figure set: start-up and end to end (measured first, on an idle
     # machine), both overhead workloads, scaling of the kit and of plain DDP, ingest of Parquet rows
-    # and of image files.
+    # and of image files at two sizes.
     table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| benchmark")]
     assert [row.split("|")[1].split("(")[0].strip() for row in table] == [
-        "startup", "end_to_end", "overhead", "overhead", "scaling", "scaling, plain DDP", "ingest", "ingest"]
+        "startup", "end_to_end", "overhead", "overhead", "scaling", "scaling, plain DDP", "ingest", "ingest", "ingest"]
 
 
 def test_gpu_check_skips_with_a_message_where_there_is_no_gpu():

@@ -28,7 +28,9 @@ from raytrain_kit.data.stats import _as_text
 from raytrain_kit.errors import DataError, short_message
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-FILES_PER_BLOCK = 256  # decoding tasks: enough blocks to keep every CPU busy, few enough to start fast
+FILES_PER_BLOCK = 256  # the fewest files a decoding task gets: smaller tasks cost more to run than to decode
+TASKS_PER_CPU = 4  # decoding tasks per CPU of the cluster: enough to balance the CPUs, few enough that Ray
+                   # Data's cost per task stays small (64 tasks of 313 files took 1.7x as long as 8 of 2,500)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,7 +94,8 @@ def read_images(cfg: Experiment) -> tuple[ray.data.Dataset, str, tuple[int, ...]
     label_is_text = not pd.api.types.is_numeric_dtype(items["label"])  # class folders' names, or a manifest's text
     if label_is_text:
         items["label"] = items["label"].astype(str)
-    step = max(FILES_PER_BLOCK, -(-len(items) // 64))  # blocks of paths, each decoded by one task
+    num_tasks = TASKS_PER_CPU * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    step = max(FILES_PER_BLOCK, -(-len(items) // num_tasks))  # blocks of paths, each decoded by one task
     ds = ray.data.from_pandas([items.iloc[i:i + step] for i in range(0, len(items), step)])
     packed = ds.map_batches(decode_images, batch_format="pandas", fn_kwargs={"shape": shape, "label_is_text": label_is_text})
     return packed, where, shape, label_is_text
@@ -121,7 +124,7 @@ def _open(path: str):
         image = Image.open(io.BytesIO(data))
     else:
         image = Image.open(path)
-    image.load()  # decode now: a truncated file fails here, not later
+    image.load()  # decode now: a truncated file fails here, not later (Pillow then closes the file it opened)
     return image
 
 
@@ -131,18 +134,22 @@ def decode_images(frame: pd.DataFrame, *, shape: tuple[int, int, int], label_is_
     from PIL import Image
 
     channels, height, width = shape
-    x = np.zeros((len(frame), channels * height * width), dtype=np.float64)
+    mode = "L" if channels == 1 else "RGB"
+    # 8-bit pixels first, scaled in one pass at the end (the same values as per image, faster).
+    pixels = np.zeros((len(frame), height, width, channels), dtype=np.uint8)
     bad = []
     for i, path in enumerate(frame["path"]):
         try:
-            image = _open(path).convert("L" if channels == 1 else "RGB")
+            image = _open(path)
+            if image.mode != mode:
+                image = image.convert(mode)
             if image.size != (width, height):
                 image = image.resize((width, height), Image.BILINEAR)
-            pixels = np.asarray(image, dtype=np.float64).reshape(height, width, channels) / 255.0
-            x[i] = pixels.transpose(2, 0, 1).ravel()  # [C, H, W], as torch's conv layers read it
+            pixels[i] = np.asarray(image).reshape(height, width, channels)
             bad.append("")
         except Exception as e:  # Pillow raises several types for a corrupt or foreign file
             bad.append(f"{path}: cannot read as an image ({type(e).__name__}: {short_message(e)})")
+    x = pixels.transpose(0, 3, 1, 2).reshape(len(frame), -1) / 255.0  # [C, H, W], as torch's conv layers read it
     y = frame["label"].to_numpy(dtype=object) if label_is_text else frame["label"].to_numpy(dtype=np.float64)
     return {"x": x, "y": y, "bad": np.array(bad, dtype=object)}
 
