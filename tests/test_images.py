@@ -15,7 +15,8 @@ from PIL import Image
 
 from raytrain_kit.cli import main
 from raytrain_kit.config import build_experiment
-from raytrain_kit.data import build_datasets
+from raytrain_kit.data import build_datasets, check_local_file
+from raytrain_kit.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,6 +111,10 @@ def test_bad_images_and_arrays_exit_2_with_one_line(ray_session, tmp_path, capsy
         assert main(["train", str(config)]) == 2, data
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith(expected), (err, expected)
+    # A listing's faults are found before Ray starts (the CLI's check of local data), in a moment.
+    with pytest.raises(DataError, match="class folder .*bird holds no images"):
+        check_local_file(build_experiment({"data": {"source": "images", "path": str(tmp_path / "empty_dog")},
+                                           "model": {"kind": "cnn", "channels": [2], "hidden": [4]}}))
     # Skipped instead, the bad file is counted and named, and the rest train.
     cfg = build_experiment({"data": {"source": "images", "path": str(root), "on_bad_file": "skip"},
                             "model": {"kind": "cnn", "channels": [2], "hidden": [4]}})

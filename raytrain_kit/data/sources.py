@@ -100,8 +100,14 @@ def check_local_file(cfg: Experiment) -> None:
     """What can be known about a local csv/parquet source without Ray, so a bad file is reported
     before Ray starts: the path exists, its header or metadata reads, no column name repeats, the
     label and features are there and numeric (CSV types from the first block, as pyarrow infers
-    them; Parquet from the metadata). URIs are checked when Ray reads them. Raises DataError."""
+    them; Parquet from the metadata); for images, the listing (class folders or manifest). URIs
+    are checked when Ray reads them; an image's bytes when Ray Data decodes it. Raises DataError."""
     d = cfg.data
+    if d.source == "images" and d.path and _is_local(d.path):
+        from raytrain_kit.data.images import list_images
+
+        list_images(cfg)  # a missing path, no class folder, an empty one, a manifest's columns
+        return
     if d.source not in ("csv", "parquet") or not d.path or not _is_local(d.path):
         return
     path = os.path.abspath(d.path.removeprefix("file://"))
