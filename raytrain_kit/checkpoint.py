@@ -63,11 +63,20 @@ def _rng_file(rank: int) -> str:
     return f"rng_rank{rank}.pt"
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the mask means setting it: set it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(file)` on a temp file beside `path`, then rename: readers never see half a file."""
+    """Call `write(file)` on a temp file beside `path`, then rename: readers never see half a file.
+    The file gets the mode a plain `open` would give it (mkstemp's is owner-only: an export or an
+    in-process trial's checkpoint was unreadable to others on shared storage)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -124,12 +124,21 @@ def _train(args) -> int:
     print(f"done: {summary['epochs_completed']} epochs, best {summary['metric']} "
           f"{best:.4f} (epoch {summary['best_epoch']})" if best is not None else "done")
     print(f"run directory: {summary['run_dir']}")
-    print(f"checkpoint:    {summary['checkpoint']}")
+    print(f"checkpoint:    {summary['checkpoint']}{_checkpoint_note(summary, cfg)}")
     startup = format_startup(summary.get("startup") or {})
     if startup:
         progress.line(startup)
     _finish(run_dir(cfg), progress, started_ray=started_ray)
     return 0
+
+
+def _checkpoint_note(summary: dict, cfg) -> str:
+    """Why the checkpoint printed is not the best epoch's, when it is not."""
+    checkpoint, best = summary.get("checkpoint"), summary.get("best_epoch")
+    if not checkpoint or best is None or checkpoint.endswith(f"_{best:04d}"):
+        return ""
+    return (f" (the best saved epoch's; epoch {best} was not saved: checkpoint.every_epochs is "
+            f"{cfg.checkpoint.every_epochs})")
 
 
 def _tune(args) -> int:

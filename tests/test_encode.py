@@ -12,11 +12,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from raytrain_kit.cli import main
 from raytrain_kit.config import build_experiment, load_experiment
-from raytrain_kit.data import build_datasets, encode_batch
+from raytrain_kit.data import build_datasets, encode_batch, spec_from_dict
 from raytrain_kit.data.encode import feature_names
+from raytrain_kit.data.stats import _pack
+from raytrain_kit.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -166,3 +169,25 @@ def test_penguins_train_beside_scikit_learn_and_resume_and_export_keep_the_fitte
 
     assert main(["export", str(run), str(tmp_path / "model.pt")]) == 0
     assert json.loads((tmp_path / "model.data.json").read_text()) == resumed
+    # The README's recipe for the record, applied by hand to the raw rows (an unseen island and
+    # missing cells among them), gives exactly the kit's inputs, and the exported model loads.
+    prep, frame = resumed["preprocessing"], pd.read_csv(data)
+    names = [c["name"] for c in prep["categorical"]]
+    kit = encode_batch(_pack(frame, numeric=prep["numeric"], categorical=names, label="species", label_is_text=True),
+                       prep=prep, classification=True)
+    np.testing.assert_array_equal(_inputs_as_the_readme_says(frame, prep), kit["x"])
+    assert names[0] == "island" and prep["categorical"][0]["values"] == ["Biscoe", "Dream", "Torgersen"]
+    assert kit["x"][-40:, len(prep["numeric"]) + 3].tolist() == [1.0] * 40  # the added rows: island=<other>
+    model = build_model(load_experiment(run / "config.yaml"), spec_from_dict(resumed))
+    model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))  # strict
+
+
+def _inputs_as_the_readme_says(frame: pd.DataFrame, prep: dict) -> np.ndarray:
+    """README, "The fitted record": impute, standardize, then each categorical column's indicators."""
+    x = frame[prep["numeric"]].to_numpy(np.float64)
+    x = np.where(np.isnan(x), prep["impute_numeric"], x)
+    parts = [(x - np.array(prep["pivot"]) - np.array(prep["offset"])) / np.array(prep["scale"])]
+    for c in prep["categorical"]:
+        values = frame[c["name"]].fillna(c["impute"]).astype(str)
+        parts += [np.stack([(values == v).to_numpy() for v in c["values"]] + [~values.isin(c["values"]).to_numpy()] * c["other"], 1)]
+    return np.concatenate(parts, axis=1).astype(np.float32)

@@ -45,6 +45,11 @@ def test_image_folder_job_reaches_95_percent_and_the_parquet_arrays_train_alike(
     summary = json.loads((tmp_path / "digits_images" / "summary.json").read_text())
     assert summary["final_metrics"]["val_accuracy"] >= 0.95
     assert summary["classes"] == [str(d) for d in range(10)] and np.array(summary["confusion"]).sum() == 360
+    # checkpoint.every_epochs: 5 saves epochs 5, 10, 15: the line says when the best is not among them.
+    (line,) = [line for line in out.splitlines() if line.startswith("checkpoint:")]
+    saved = summary["best_epoch"] in (5, 10, 15)
+    assert line.endswith(f"(the best saved epoch's; epoch {summary['best_epoch']} was not saved: "
+                         "checkpoint.every_epochs is 5)") != saved, line
 
     # The same 8-bit pixels as one [1, 8, 8] array per Parquet row, class names as text: the same
     # rows in each split, the same normalization, so the same run, metric for metric.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
 import time
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain_kit.checkpoint import MODEL_FILE, checkpoints_to_keep
+from raytrain_kit.checkpoint import MODEL_FILE, checkpoints_to_keep, save_json
 from raytrain_kit.config import build_experiment, with_overrides
 from raytrain_kit.data import DataSpec
 from raytrain_kit.errors import ConfigError, RunError
@@ -94,6 +96,16 @@ def test_checkpoints_kept_are_the_best_by_the_metric_and_always_the_latest():
     history = [{"epoch": i + 1, "val_accuracy": v} for i, v in enumerate(accuracy.values())]
     assert best_of(history, metric="val_accuracy", mode="max")["epoch"] == 4
     assert best_of([{"epoch": 1, "val_loss": float("nan")}], metric="val_loss", mode="min") is None
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path):
+    """Exports and checkpoints are written to a temp file and renamed; mkstemp's owner-only mode
+    once made an export unreadable to the rest of a team on shared storage."""
+    save_json({"classes": ["a", "b"]}, tmp_path / "model.data.json")
+    (tmp_path / "plain.json").write_text("{}")
+    mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)
+    assert mode("model.data.json") == mode("plain.json")
+    assert mode("plain.json") != 0o600 or os.umask(os.umask(0)) == 0o177  # the comparison means something
 
 
 def test_resume_after_failure_continues_exactly(ray_session, storage):

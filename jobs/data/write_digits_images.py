@@ -38,5 +38,10 @@ def write(out: Path) -> tuple[Path, Path]:
 
 
 if __name__ == "__main__":
-    folder, parquet = write(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "digits")
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", nargs="?", type=Path, default=Path(__file__).parent / "digits",
+                        help="folder to write into (default: jobs/data/digits)")
+    folder, parquet = write(parser.parse_args().out)
     print(f"wrote {sum(1 for _ in folder.rglob('*.png'))} PNG files under {folder} and {parquet}")
