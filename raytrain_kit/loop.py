@@ -318,7 +318,7 @@ def memory_metrics(state: TrainState) -> dict[str, float]:
         figures.append(torch.cuda.max_memory_allocated(state.device))
     t = torch.tensor(figures, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = parallel.all_reduce_figures(t, op=dist.ReduceOp.MAX)
     names = ("state_mb", "peak_rss_mb", "gpu_peak_mb")
     return {name: round(v / 2**20, 4) for name, v in zip(names, t.tolist())}
 

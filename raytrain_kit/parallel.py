@@ -143,14 +143,24 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def all_reduce_figures(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """All-reduce a small CPU tensor of figures (sums, counts, flags) across the workers and
+    return it on the CPU. NCCL reduces CUDA tensors only ("no backend for device type cpu"), so
+    under it the figures make a round trip through this rank's GPU; gloo reduces them in place."""
+    if dist.get_backend() == "nccl":
+        on_gpu = t.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=op)
+        return on_gpu.cpu()
+    dist.all_reduce(t, op=op)
+    return t
+
+
 def all_finite(model: nn.Module, *, sharded: bool) -> bool:
     """Whether every weight is finite; with sharded weights every rank checks its shard and all agree."""
     ok = all(bool(torch.isfinite(local_tensor(p.detach())).all()) for p in model.parameters())
     if not sharded or not dist.is_initialized():
         return ok
-    flag = torch.tensor([0.0 if ok else 1.0])
-    dist.all_reduce(flag)
-    return not flag.item()
+    return not all_reduce_figures(torch.tensor([0.0 if ok else 1.0])).item()
 
 
 def broadcast_buffers(model: nn.Module) -> None:
@@ -189,8 +199,7 @@ def lockstep(batches: Iterable, *, dummy_x: torch.Tensor) -> Iterator[tuple[torc
     it = iter(batches)
     while True:
         batch = next(it, None)
-        flag = torch.tensor([0.0 if batch is None else 1.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = all_reduce_figures(torch.tensor([0.0 if batch is None else 1.0]), op=dist.ReduceOp.MAX)
         if not flag.item():
             return
         yield batch if batch is not None else (dummy_x, None)

@@ -70,8 +70,7 @@ class EpochSums:
             return self
         parts = [torch.tensor([self.loss, self.correct, self.samples], dtype=torch.float64)]
         parts += [self.confusion] if self.confusion is not None else []
-        t = torch.cat(parts)
-        dist.all_reduce(t)
+        t = parallel.all_reduce_figures(torch.cat(parts))
         return EpochSums(*t[:3].tolist(), confusion=t[3:] if self.confusion is not None else None)
 
     def confusion_matrix(self) -> Optional[list[list[int]]]:
@@ -224,7 +223,7 @@ def global_step_losses(step_losses: list[tuple[float, int]]) -> list[float]:
         return []
     t = torch.tensor(step_losses, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+        t = parallel.all_reduce_figures(t)
     return (t[:, 0] / t[:, 1]).tolist()
 
 
