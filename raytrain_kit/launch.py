@@ -696,16 +696,10 @@ def exported_data_path(out: str) -> str:
     return os.path.splitext(out)[0] + ".data.json"
 
 
-def export_run(directory: str, out: str, *, epoch: Optional[int] = None) -> tuple[str, int]:
-    """Write the model of a run's checkpoint to `out` as a plain `state_dict` (loadable with
-    `torch.load(..., weights_only=True)` into the model `build_model` returns): the summary's
-    checkpoint (the best epoch's, if kept), else the latest, or `epoch`'s. Sharded checkpoints are
-    reassembled in this process. Beside it, `<out without extension>.data.json`: the data spec with
-    the preprocessing fitted on the training split (feature names, standardization, encoders,
-    class names). Returns (checkpoint used, number of parameters)."""
+def chosen_checkpoint(directory: str, *, epoch: Optional[int] = None) -> str:
+    """The checkpoint `export`, `load_model` and `predict` use: the summary's (the best saved
+    epoch's), else the latest, or `epoch`'s. Raises ConfigError when there is none."""
     import json
-    import shutil
-    import tempfile
 
     directory = directory.rstrip("/")
     kept = checkpoint_dirs(directory)
@@ -715,23 +709,40 @@ def export_run(directory: str, out: str, *, epoch: Optional[int] = None) -> tupl
         if epoch not in kept:
             raise ConfigError(f"--epoch: no checkpoint of epoch {epoch} in {directory}; kept: "
                               f"{', '.join(str(e) for e in sorted(kept))}")
-        chosen = kept[epoch]
-    else:
-        chosen = kept[max(kept)]
-        if path_exists(f"{directory}/{SUMMARY_FILE}"):
-            chosen = json.loads(read_run_file(directory, SUMMARY_FILE)).get("checkpoint") or chosen
-    local, fetched = chosen, None
-    if "://" in chosen:  # torch reads local files: fetch the checkpoint first
-        fs, path = filesystem(chosen)
+        return kept[epoch]
+    if path_exists(f"{directory}/{SUMMARY_FILE}"):
+        return json.loads(read_run_file(directory, SUMMARY_FILE)).get("checkpoint") or kept[max(kept)]
+    return kept[max(kept)]
+
+
+def read_model_state(checkpoint: str) -> dict:
+    """A checkpoint's model as a plain `state_dict` on the CPU, sharded ones reassembled in this
+    process (fetched first from a URI). Raises RunError when it cannot be read."""
+    import shutil
+    import tempfile
+
+    local, fetched = checkpoint, None
+    if "://" in checkpoint:  # torch reads local files: fetch the checkpoint first
+        fs, path = filesystem(checkpoint)
         fetched = local = tempfile.mkdtemp(prefix="raytrain-kit-export-")
         pafs.copy_files(path, local, source_filesystem=fs)
     try:
-        state = ckpt.export_model_state(local)
+        return ckpt.export_model_state(local)
     except Exception as e:
-        raise RunError(f"{chosen}: cannot read the model ({type(e).__name__}: {short_message(e)})") from None
+        raise RunError(f"{checkpoint}: cannot read the model ({type(e).__name__}: {short_message(e)})") from None
     finally:
         if fetched:
             shutil.rmtree(fetched, ignore_errors=True)
+
+
+def export_run(directory: str, out: str, *, epoch: Optional[int] = None) -> tuple[str, int]:
+    """Write the model of a run's checkpoint (`chosen_checkpoint`) to `out` as a plain `state_dict`
+    (loadable with `torch.load(..., weights_only=True)` into the model `build_model` returns).
+    Beside it, `<out without extension>.data.json`: the data spec with the preprocessing fitted
+    on the training split (feature names, standardization, encoders, class names). Returns
+    (checkpoint used, number of parameters)."""
+    chosen = chosen_checkpoint(directory, epoch=epoch)
+    state = read_model_state(chosen)
     out_path = os.path.abspath(out)
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     ckpt.save_torch(state, out_path)

@@ -198,9 +198,14 @@ def encode_batch(batch: dict, *, prep: dict, classification: bool) -> dict:
     """A packed batch (`x` float64 (N, num_numeric), `y`, categorical `c0`, `c1`, ...) as the model
     reads it: `x` float32 (N, num_features), numeric columns imputed and standardized, then each
     categorical column's indicators; `y` int64 class indices (classification) or float32."""
+    return {"x": encode_features(batch, prep=prep), "y": encode_labels(batch["y"], prep=prep, classification=classification)}
+
+
+def encode_features(batch: dict, *, prep: dict) -> np.ndarray:
+    """`encode_batch`'s features alone (rows to predict need no label): float32 (N, num_features)."""
     x = np.asarray(batch["x"], dtype=np.float64)
     if prep.get("array"):
-        return {"x": _normalize_array(x, prep), "y": encode_labels(batch["y"], prep=prep, classification=classification)}
+        return _normalize_array(x, prep)
     if prep["impute_numeric"] is not None:
         x = np.where(np.isnan(x), np.asarray(prep["impute_numeric"]), x)
     if prep["pivot"] is not None:
@@ -208,8 +213,7 @@ def encode_batch(batch: dict, *, prep: dict, classification: bool) -> dict:
         x = ((x - np.asarray(prep["pivot"])) - np.asarray(prep["offset"])) / np.asarray(prep["scale"])
     parts = [x.astype(np.float32)]
     parts += [_one_hot(batch[f"c{i}"], category) for i, category in enumerate(prep["categorical"])]
-    features = np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
-    return {"x": features, "y": encode_labels(batch["y"], prep=prep, classification=classification)}
+    return np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
 
 
 def _normalize_array(x: np.ndarray, prep: dict) -> np.ndarray:

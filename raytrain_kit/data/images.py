@@ -194,7 +194,7 @@ def _nested(value):
     return value
 
 
-def pack_arrays(frame: pd.DataFrame, *, column: str, shape: tuple[int, ...], label: str, label_is_text: bool) -> dict:
+def pack_arrays(frame: pd.DataFrame, *, column: str, shape: tuple[int, ...], label: Optional[str], label_is_text: bool) -> dict:
     """Rows of one array column as `x` (float64 (N, prod(shape))) and `y`; a row of another shape
     (or with a missing array) is zeros marked bad."""
     size = int(np.prod(shape))
@@ -207,7 +207,10 @@ def pack_arrays(frame: pd.DataFrame, *, column: str, shape: tuple[int, ...], lab
         else:
             x[i] = array.ravel()
             bad.append("")
-    y = _as_text(frame[label]) if label_is_text else frame[label].to_numpy(dtype=np.float64, na_value=np.nan)
+    if label is None:  # rows to predict: no label
+        y = np.zeros(len(frame))
+    else:
+        y = _as_text(frame[label]) if label_is_text else frame[label].to_numpy(dtype=np.float64, na_value=np.nan)
     return {"x": x, "y": y, "bad": np.array(bad, dtype=object)}
 
 
