@@ -88,13 +88,35 @@ def _report(directory: str, progress) -> None:
 
 
 def _load(args):
-    """The command's experiment, with a local data file checked before any Ray starts."""
+    """The command's experiment, with a local data file and a custom model's module checked
+    before any Ray starts (a typo is one line in a moment, not after Ray's 10-15 s start)."""
     from raytrain_kit.config import load_experiment
     from raytrain_kit.data import check_local_file
 
     cfg = load_experiment(args.config, args.overrides)
     check_local_file(cfg)
+    _check_model_module(cfg)
     return cfg
+
+
+def _check_model_module(cfg) -> None:
+    """model.kind: custom: its module can be found (found, not imported: importing it would
+    import torch before Ray's start, which the happy path overlaps with it). The driver builds
+    the model itself later, so the module must be importable here in any case."""
+    import importlib.util
+
+    from raytrain_kit.errors import ConfigError
+
+    if cfg.model.kind != "custom" or not cfg.model.target:
+        return
+    module = cfg.model.target.partition(":")[0]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that is not there
+        found = False
+    if not found:
+        raise ConfigError(f"model.target: cannot import {cfg.model.target!r} (ModuleNotFoundError: No module named "
+                          f"{module!r}); is its package on PYTHONPATH or installed?")
 
 
 def _finish(directory: str, progress, *, started_ray: bool) -> None:
