@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PERF = ("overhead", "scaling", "startup", "ingest", "end_to_end")
 SCRIPTS = {"gradcheck": "gradcheck_bench.py", "tune": "tune_bench.py", "memory": "memory_bench.py",
-           "errors": "errors_bench.py"}  # their own issues' benchmarks
+           "errors": "errors_bench.py", "predict": "predict_bench.py"}  # their own issues' benchmarks
 
 
 def machine() -> dict:

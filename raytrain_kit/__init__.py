@@ -9,8 +9,8 @@ IMPORTED_AT = (_time.time(), _time.process_time())
 
 # The Python API (raytrain_kit/api.py), imported on first use: the CLI imports this package
 # first thing, and must not pay for pandas and the config models before it needs them.
-__all__ = ["load_experiment", "train", "tune", "check", "export", "load_model", "RunResult", "SweepResult",
-           "LoadedModel"]
+__all__ = ["load_experiment", "train", "tune", "check", "export", "load_model", "predict", "RunResult",
+           "SweepResult", "LoadedModel"]
 
 
 def __getattr__(name: str):

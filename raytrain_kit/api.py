@@ -131,6 +131,17 @@ def export(run_dir: str, out: str, *, epoch: Optional[int] = None) -> str:
     return export_run(run_dir, out, epoch=epoch)[0]
 
 
+def predict(run_dir: str, data: Optional[str], out: str, *, split: str = "val", epoch: Optional[int] = None,
+            batch_size: int = 1024, num_workers: int = 2) -> dict:
+    """`raytrain-kit predict`: the run's model over `data` (or its own `split`) as Ray Data batch
+    inference on `num_workers` actors, written to the folder `out`; returns the counts and the
+    scores of a label column (`inference.predict_run`). For a DataFrame in memory, use
+    `load_model(run_dir).predict(frame)`. Raises ConfigError or DataError."""
+    from raytrain_kit.inference import predict_run
+
+    return predict_run(run_dir, data, out, split=split, epoch=epoch, batch_size=batch_size, num_workers=num_workers)
+
+
 # ---------------------------------------------------------------------------------------------
 # A trained model with its preprocessing
 
@@ -165,17 +176,22 @@ class LoadedModel:
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         """One row per input row (same index): `prediction` (the class name, or the value for
         regression) and, for classification, `prob_<class>` per class. Raises DataError."""
+        return self.predict_inputs(self.features(frame), index=frame.index)
+
+    def predict_inputs(self, x, *, index=None) -> pd.DataFrame:
+        """`predict` for inputs already built (`features`, or a run's encoded rows): float32
+        [N, *input_shape] or (N, num_features), a tensor or an array."""
         import torch
 
-        x = self.features(frame)
+        x = torch.as_tensor(np.asarray(x, dtype=np.float32)).view(-1, *self.spec.input_shape)
         with torch.no_grad():
             outputs = torch.cat([self.model(x[i:i + PREDICT_BATCH_ROWS]) for i in range(0, len(x), PREDICT_BATCH_ROWS)]) \
                 if len(x) else torch.zeros((0, self.spec.num_outputs))
         classes = self.classes
         if classes is None:
-            return pd.DataFrame({"prediction": outputs[:, 0].double().numpy()}, index=frame.index)
+            return pd.DataFrame({"prediction": outputs[:, 0].double().numpy()}, index=index)
         probs = torch.softmax(outputs.double(), dim=1).numpy()
-        out = pd.DataFrame({"prediction": np.asarray(classes, dtype=object)[probs.argmax(axis=1)]}, index=frame.index)
+        out = pd.DataFrame({"prediction": np.asarray(classes, dtype=object)[probs.argmax(axis=1)]}, index=index)
         for j, name in enumerate(classes):
             out[f"prob_{name}"] = probs[:, j]
         return out

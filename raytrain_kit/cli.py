@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", help="a run directory (as train printed it)")
     p.add_argument("out", help="file to write, e.g. model.pt")
     p.add_argument("--epoch", type=int, default=None, help="that epoch's checkpoint (default: the summary's best, else the latest)")
+    p = sub.add_parser("predict", help="predict rows with a run's model, as Ray Data batch inference over a pool of "
+                                       "actors; scores a label column when there is one")
+    p.add_argument("directory", help="a run directory (as train printed it)")
+    p.add_argument("data", nargs="?", default=None,
+                   help="rows to predict: a CSV or Parquet file or folder, or for an image run an image folder or "
+                        "manifest; local or a URI (default: the run's own data, --split of it)")
+    p.add_argument("--out", required=True, help="folder to write (Parquet files; CSV when it ends in .csv)")
+    p.add_argument("--split", choices=["val", "train", "all"], default="val",
+                   help="without DATA: which of the run's own rows (default: val, the validation split)")
+    p.add_argument("--epoch", type=int, default=None, help="that epoch's checkpoint (default: the summary's best, else the latest)")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per forward pass (default 1024)")
+    p.add_argument("--num-workers", type=int, default=2, help="actors, each loading the model once (default 2)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
     sub.add_parser("reference", help="print the config reference (Markdown) generated from the config models")
     return parser
 
@@ -151,6 +164,32 @@ def _train(args) -> int:
     if startup:
         progress.line(startup)
     _finish(run_dir(cfg), progress, started_ray=started_ray)
+    return 0
+
+
+def _predict(args) -> int:
+    from raytrain_kit.cluster import connect, disconnect
+    from raytrain_kit.errors import ConfigError
+
+    if args.num_workers < 1 or args.batch_size < 1:
+        raise ConfigError("--num-workers and --batch-size: give 1 or more")
+    if os.path.exists(args.out) and os.listdir(args.out):
+        raise ConfigError(f"--out: {args.out} already holds files; give a new folder (predictions are never mixed)")
+    started_ray = connect(args.address)
+    from raytrain_kit.inference import predict_run
+
+    result = predict_run(args.directory, args.data, args.out, split=args.split, epoch=args.epoch,
+                         batch_size=args.batch_size, num_workers=args.num_workers, log=print)
+    scores = []
+    if result["accuracy"] is not None:
+        scores.append(f"accuracy {result['accuracy']:.4f}")
+    if result["loss"] is not None:
+        scores.append(f"loss {result['loss']:.4f}")
+    scored = f"; {', '.join(scores)} over {result['scored_rows']:,} labelled rows" if scores else ""
+    print(f"predicted {result['rows']:,} rows on {result['num_actors']} actor(s){scored}")
+    print(f"wrote {args.out}")
+    if started_ray:
+        disconnect()
     return 0
 
 
@@ -268,6 +307,8 @@ def _run(args) -> int:
             return 0
         if args.command == "check":
             return _check(args)
+        if args.command == "predict":
+            return _predict(args)
         if args.command == "tune":
             return _tune(args)
         if args.command == "submit":
