@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,12 +26,6 @@ SCRIPTS = {"gradcheck": "gradcheck_bench.py", "tune": "tune_bench.py", "memory":
            "errors": "errors_bench.py", "predict": "predict_bench.py"}  # their own issues' benchmarks
 
 
-def machine() -> dict:
-    import ray
-    import torch
-
-    return {"platform": platform.platform(), "cores": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "ray": ray.__version__}
 
 
 def rows_of(name: str, r: dict) -> list[tuple[str, str, str, str, str]]:
@@ -114,6 +106,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     names = args.only or list(PERF)
     sys.path.insert(0, str(ROOT / "benchmarks"))
+    from machine import machine
+
     started = time.perf_counter()
     info = machine()
     results = run_perf([n for n in names if n in PERF], quick=args.quick)

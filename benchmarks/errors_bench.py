@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -85,13 +84,11 @@ def main() -> None:
                       "over_validate": round(median / reference, 3), **c, "goal_met": met}
         print(f"| {name} | {median:.2f} | {median / reference:.2f}x | {c['exit_code']} | "
               f"{c['one_error_line'] if is_error else '-'} | {c['ray_started']} | {met if is_error else '-'} |")
-    import ray
-    import torch
+    from machine import machine
 
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "errors.json").write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "ray": ray.__version__},
+        "machine": machine(),
         "quick": args.quick, "rounds": rounds, "goal": GOAL, "commands": rows}, indent=1))
     print(f"wrote {OUT / 'errors.json'}")
 

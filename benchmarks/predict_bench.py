@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -123,13 +121,11 @@ def main() -> None:
     print("| benchmark | kit | reference | ratio | goal |\n|---|---|---|---|---|")
     print(f"| predict ({num_rows:,} rows, {kit_result['num_actors']} actors) | {kit:,.0f} rows/s | {plain:,.0f} rows/s "
           f"(plain torch, one process) | {median:.2f}x | >= {GOAL}x |")
-    import ray
-    import torch
+    from machine import machine
 
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "predict.json").write_text(json.dumps({
-        "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "ray": ray.__version__},
+        "machine": machine(),
         "quick": args.quick, "num_rows": num_rows, "kit_rows_per_s": round(kit, 1), "plain_rows_per_s": round(plain, 1),
         "ratio": round(median, 3), "ratios": [round(r, 3) for r in ratios], "num_actors": kit_result["num_actors"],
         "goal": GOAL}, indent=1))
