@@ -229,19 +229,14 @@ def _tune(args) -> int:
 def _check(args) -> int:
     import json
 
-    from raytrain_kit.data import build_datasets
-    from raytrain_kit.errors import PreflightError
+    from raytrain_kit.api import check
     from raytrain_kit.cluster import connect
-    from raytrain_kit.preflight import run_preflight
-
-    from raytrain_kit.launch import check_model_builds
+    from raytrain_kit.errors import PreflightError
 
     cfg = _load(args)
     connect(args.address)
-    datasets, spec = build_datasets(cfg)
-    check_model_builds(cfg, spec)  # one line, as train says it, not the preflight task's traceback
     try:
-        report = run_preflight(cfg, datasets["train"], spec)
+        report = check(cfg)
     except PreflightError as e:
         if not args.json:
             raise
