@@ -146,15 +146,24 @@ def predict_run(run_dir: str, data: Optional[str], out: str, *, split: str = "va
         predicted = predicted.materialize()  # once: both the scores and the files come from it
     except Exception as e:  # an actor's DataError (a bad image or value further in) arrives wrapped by Ray
         raise _kit_error(e) from None
-    sums = {c: predicted.sum(c) or 0.0 for c in _SCORES} if predicted.count() else dict.fromkeys(_SCORES, 0.0)
+    # One pass for the totals: each block's sums and actors, combined here (a few numbers a block).
+    blocks = predicted.map_batches(_block_totals, batch_format="pandas", batch_size=None).take_all()
+    sums = {c: sum(b[c] for b in blocks) for c in (*_SCORES, "rows")}
     written = predicted.drop_columns([*_SCORES, _ACTOR])
     (written.write_csv if out.lower().endswith(".csv") else written.write_parquet)(out)
     scored = int(sums["_scored"])
-    num_actors = len(predicted.unique(_ACTOR)) if predicted.count() else 0
-    return {"rows": predicted.count(), "scored_rows": scored, "out": out, "checkpoint": loaded.checkpoint, "source": source,
+    num_actors = len({a for b in blocks for a in b["actors"].split(",") if a})
+    return {"rows": int(sums["rows"]), "scored_rows": scored, "out": out, "checkpoint": loaded.checkpoint, "source": source,
             "num_actors": num_actors,
             "accuracy": sums["_correct"] / scored if scored and loaded.classes is not None else None,
             "loss": sums["_loss"] / scored if scored else None}
+
+
+def _block_totals(batch: pd.DataFrame) -> pd.DataFrame:
+    """A block of predictions as one row: its score sums, row count and the actors that made it."""
+    totals = {c: [float(batch[c].sum())] for c in _SCORES}
+    actors = ",".join(str(a) for a in sorted(set(batch[_ACTOR].tolist())))
+    return pd.DataFrame({**totals, "rows": [len(batch)], "actors": [actors]})
 
 
 def _kit_error(error: BaseException) -> BaseException:
