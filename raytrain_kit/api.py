@@ -65,13 +65,17 @@ class RunResult:
         return pd.DataFrame(self.summary["history"])
 
 
-def train(experiment: ExperimentLike, *, resume: bool = False, log: Log = None) -> RunResult:
+def train(experiment: ExperimentLike, *, resume: bool = False, log: Log = None,
+          on_epoch: Optional[Callable[[dict], None]] = None, on_progress: Optional[Callable[[dict], None]] = None
+          ) -> RunResult:
     """Train as `raytrain-kit train` does (`--resume` continues the run). `log` receives the
-    lines `train` prints before its epochs (data, training plan); default: silent. Raises
-    KitError subclasses."""
+    lines `train` prints before its epochs (data, training plan); default: silent. `on_epoch`
+    receives each epoch's metrics (a dict, as metrics.csv's row) as it ends; `on_progress` the
+    steps within an epoch (`launch.fit`). Raises KitError subclasses."""
     from raytrain_kit.launch import fit
 
-    summary = fit(_experiment(experiment), resume=resume, log=log or (lambda line: None))
+    summary = fit(_experiment(experiment), resume=resume, log=log or (lambda line: None), on_epoch=on_epoch,
+                  on_progress=on_progress)
     return RunResult(run_dir=summary["run_dir"], status=summary["status"], metric=summary["metric"],
                      best_value=summary["best_value"], best_epoch=summary["best_epoch"],
                      checkpoint=summary["checkpoint"], summary=summary)
@@ -132,14 +136,16 @@ def export(run_dir: str, out: str, *, epoch: Optional[int] = None) -> str:
 
 
 def predict(run_dir: str, data: Optional[str], out: str, *, split: str = "val", epoch: Optional[int] = None,
-            batch_size: int = 1024, num_workers: int = 2) -> dict:
+            batch_size: int = 1024, num_workers: int = 2, log: Log = None) -> dict:
     """`raytrain-kit predict`: the run's model over `data` (or its own `split`) as Ray Data batch
     inference on `num_workers` actors, written to the folder `out`; returns the counts and the
-    scores of a label column (`inference.predict_run`). For a DataFrame in memory, use
+    scores of a label column (`inference.predict_run`); `log` receives the line `predict` prints
+    before it starts. For a DataFrame in memory, use
     `load_model(run_dir).predict(frame)`. Raises ConfigError or DataError."""
     from raytrain_kit.inference import predict_run
 
-    return predict_run(run_dir, data, out, split=split, epoch=epoch, batch_size=batch_size, num_workers=num_workers)
+    return predict_run(run_dir, data, out, split=split, epoch=epoch, batch_size=batch_size, num_workers=num_workers,
+                       log=log or (lambda line: None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,19 +179,21 @@ class LoadedModel:
         x = _encoded_rows(frame, self.experiment, prep, tuple(self.spec.input_shape))
         return torch.from_numpy(x).view(-1, *self.spec.input_shape)
 
-    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+    def predict(self, frame: pd.DataFrame, *, batch_rows: int = PREDICT_BATCH_ROWS) -> pd.DataFrame:
         """One row per input row (same index): `prediction` (the class name, or the value for
-        regression) and, for classification, `prob_<class>` per class. Raises DataError."""
-        return self.predict_inputs(self.features(frame), index=frame.index)
+        regression) and, for classification, `prob_<class>` per class; forward passes of at most
+        `batch_rows` rows. Raises DataError."""
+        return self.predict_inputs(self.features(frame), index=frame.index, batch_rows=batch_rows)
 
-    def predict_inputs(self, x, *, index=None) -> pd.DataFrame:
+    def predict_inputs(self, x, *, index=None, batch_rows: int = PREDICT_BATCH_ROWS) -> pd.DataFrame:
         """`predict` for inputs already built (`features`, or a run's encoded rows): float32
-        [N, *input_shape] or (N, num_features), a tensor or an array."""
+        [N, *input_shape] or (N, num_features), a tensor or an array; forward passes of at most
+        `batch_rows` rows."""
         import torch
 
         x = torch.as_tensor(np.asarray(x, dtype=np.float32)).view(-1, *self.spec.input_shape)
         with torch.no_grad():
-            outputs = torch.cat([self.model(x[i:i + PREDICT_BATCH_ROWS]) for i in range(0, len(x), PREDICT_BATCH_ROWS)]) \
+            outputs = torch.cat([self.model(x[i:i + batch_rows]) for i in range(0, len(x), batch_rows)]) \
                 if len(x) else torch.zeros((0, self.spec.num_outputs))
         classes = self.classes
         if classes is None:

@@ -103,11 +103,9 @@ def _report(directory: str, progress) -> None:
 def _load(args):
     """The command's experiment, with a local data file and a custom model's module checked
     before any Ray starts (a typo is one line in a moment, not after Ray's 10-15 s start)."""
-    from raytrain_kit.config import load_experiment
-    from raytrain_kit.data import check_local_file
+    from raytrain_kit.api import load_experiment
 
     cfg = load_experiment(args.config, args.overrides)
-    check_local_file(cfg)
     _check_model_module(cfg)
     return cfg
 
@@ -148,11 +146,12 @@ def _train(args) -> int:
     cfg = _load(args)
     progress = Progress(total_epochs=cfg.train.epochs, verbosity=_verbosity(args))
     started_ray = connect(args.address, verbose=progress.verbosity >= VERBOSE)  # before the kit's heavy imports
-    from raytrain_kit.launch import fit, run_dir
+    from raytrain_kit.api import train
+    from raytrain_kit.launch import run_dir
 
     try:
-        summary = fit(cfg, resume=args.resume, log=progress.line, on_epoch=progress.epoch,
-                      on_progress=progress.bar if progress.wants_bar else None)
+        summary = train(cfg, resume=args.resume, log=progress.line, on_epoch=progress.epoch,
+                        on_progress=progress.bar if progress.wants_bar else None).summary
     finally:
         progress.close()
     best = summary["best_value"]
@@ -176,10 +175,10 @@ def _predict(args) -> int:
     if os.path.exists(args.out) and os.listdir(args.out):
         raise ConfigError(f"--out: {args.out} already holds files; give a new folder (predictions are never mixed)")
     started_ray = connect(args.address)
-    from raytrain_kit.inference import predict_run
+    from raytrain_kit.api import predict
 
-    result = predict_run(args.directory, args.data, args.out, split=args.split, epoch=args.epoch,
-                         batch_size=args.batch_size, num_workers=args.num_workers, log=print)
+    result = predict(args.directory, args.data, args.out, split=args.split, epoch=args.epoch,
+                     batch_size=args.batch_size, num_workers=args.num_workers, log=print)
     scores = []
     if result["accuracy"] is not None:
         scores.append(f"accuracy {result['accuracy']:.4f}")
@@ -206,7 +205,6 @@ def _tune(args) -> int:
     from raytrain_kit.errors import ConfigError
     from raytrain_kit.cluster import connect
     from raytrain_kit.progress import VERBOSE, Progress
-    from raytrain_kit.sweep import run_sweep
 
     cfg = _load(args)
     if cfg.tune is None:
@@ -215,8 +213,10 @@ def _tune(args) -> int:
     progress = Progress(total_epochs=cfg.train.epochs, verbosity=_verbosity(args))
     # Trials that train in their own processes start no Ray Train run (launch.runs_in_process).
     started_ray = connect(args.address, verbose=progress.verbosity >= VERBOSE, state_api=not cfg.scaling.single_process)
-    summary = run_sweep(cfg, resume=args.resume, log=progress.line)
-    table = summary["table"]
+    from raytrain_kit.api import tune
+
+    result = tune(cfg, resume=args.resume, log=progress.line)
+    summary, table = result.summary, result.trials
     shown = [c for c in ("trial_id", *cfg.tune.space, "best_value", "best_epoch", "epochs_run", "status") if c in table]
     print(f"top trials by {summary['metric']} ({summary['mode']}):")
     print(table[shown].head(5).to_string(index=False))

@@ -188,6 +188,40 @@ def test_fsdp_job_in_bf16_then_export(tmp_path):
     assert len(data["preprocessing"]["scale"]) == 128  # the training split's standardization travels with it
     done = _run_cli("export", str(tmp_path / "fsdp_mlp"), str(out), "--epoch", "7")
     assert done.returncode == 2 and done.stderr.startswith("error: --epoch: no checkpoint of epoch 7")
+    _predict_equals_the_exported_model(tmp_path, model, data, cfg)
+
+
+def _predict_equals_the_exported_model(tmp_path, model, data: dict, cfg) -> None:
+    """`predict` over raw rows on 2 actors, each loading the sharded checkpoint, against the
+    exported state_dict with its data.json's standardization and a plain torch forward."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from raytrain_kit.data.sources import _synthetic_block
+
+    d = cfg.data
+    block = _synthetic_block({"id": np.arange(3000, 3500)}, seed=cfg.train.seed, num_features=d.num_features,
+                             num_classes=d.num_classes, noise=d.noise)  # the same teacher; rows the run never saw
+    rows = pd.DataFrame(block).assign(row_id=np.arange(500))
+    rows.to_parquet(tmp_path / "new.parquet")
+    done = _run_cli("predict", str(tmp_path / "fsdp_mlp"), str(tmp_path / "new.parquet"), "--out",
+                    str(tmp_path / "predicted"), "--batch-size", "64", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "predicted 500 rows on 2 actor(s)" in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr and "error:" not in done.stderr, done.stderr
+    predicted = pd.read_parquet(tmp_path / "predicted").sort_values("row_id").reset_index(drop=True)
+
+    prep = data["preprocessing"]
+    x = (rows[prep["numeric"]].to_numpy(np.float64) - np.array(prep["pivot"]) - np.array(prep["offset"])) / np.array(prep["scale"])
+    model.eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.from_numpy(x.astype(np.float32))).double(), dim=1).numpy()
+    assert predicted["row_id"].tolist() == list(range(500))
+    assert predicted["prediction"].tolist() == probs.argmax(axis=1).tolist()
+    np.testing.assert_allclose(predicted[[f"prob_{j}" for j in range(10)]].to_numpy(np.float64), probs, rtol=1e-5, atol=1e-7)
+    accuracy = (probs.argmax(axis=1) == rows["label"].to_numpy()).mean()
+    assert f"accuracy {accuracy:.4f}" in done.stdout and accuracy > 0.3  # a trained model, scored on its label
 
 
 def test_bad_local_files_are_one_line_before_ray_starts(tmp_path):

@@ -219,7 +219,7 @@ def test_labels_that_are_not_class_indices_become_classes_in_sorted_order(ray_se
     if isinstance(labels[0], int) and min(labels) >= 0:
         declared = {"source": "csv", "path": str(tmp_path / "t.csv"), "label": "y", "num_classes": 4}
         spec = build_datasets(build_experiment({"data": declared}))[1]
-        assert spec.num_classes == 4 and spec.classes == ("0", "1", "2", "3")
+        assert spec.num_classes == 4 and spec.classes == (0, 1, 2, 3)  # integers, as the labels are
 
 
 def test_synthetic_regression_without_num_classes_has_a_continuous_target(ray_session):

@@ -114,7 +114,9 @@ def _spec(cfg: Experiment, prep: dict, *, label_classes: int, where: str, num_tr
     if int(np.prod(input_shape)) != width:
         raise DataError(f"data.input_shape: {list(input_shape)} holds {int(np.prod(input_shape))} values, "
                         f"but {where} has {width} features" + (f" ({array['name']} {list(array['shape'])})" if array else ""))
-    classes = prep["classes"] or [str(i) for i in range(label_classes)]
+    # Labels that already are class indices 0..k-1 name their classes by those integers, so a
+    # prediction compares equal to the label column it is scored against.
+    classes = prep["classes"] or list(range(label_classes))
     return DataSpec(num_features=width, num_classes=len(classes) if cfg.data.task == "classification" else 0,
                     input_shape=input_shape, num_train_rows=num_train, num_val_rows=num_val,
                     feature_names=tuple(names), constant_features=tuple(prep["constant"]), classes=tuple(classes),

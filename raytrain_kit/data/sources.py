@@ -66,8 +66,10 @@ def _is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
-def read_table(cfg: Experiment) -> tuple[ray.data.Dataset, str]:
-    """The raw rows as a lazy Ray Dataset, and a name for error messages."""
+def read_table(cfg: Experiment, *, num_blocks: Optional[int] = None) -> tuple[ray.data.Dataset, str]:
+    """The raw rows as a lazy Ray Dataset, and a name for error messages. `num_blocks`: read csv
+    and parquet into about that many blocks (Ray Data's `override_num_blocks`; default: its own
+    choice by size, often one block per file)."""
     d = cfg.data
     if d.source == "digits":
         return ray.data.from_pandas(_digits_frame()), "digits"
@@ -90,10 +92,32 @@ def read_table(cfg: Experiment) -> tuple[ray.data.Dataset, str]:
 
             # "NA", "" and the like are missing in text columns too, as pandas reads them (pyarrow
             # keeps them as strings by default, which would make "NA" a category of its own).
-            return ray.data.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True)), path
-        return ray.data.read_parquet(path), path
+            return ray.data.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
+                                     override_num_blocks=num_blocks), path
+        return ray.data.read_parquet(path, override_num_blocks=num_blocks), path
     except Exception as e:  # pyarrow and fsspec raise many types for unreadable input
         raise DataError(f"data.path: {path}: cannot read as {d.source} ({type(e).__name__}: {short_message(e)})") from None
+
+
+def read_head(cfg: Experiment, num_rows: int) -> pd.DataFrame:
+    """The first `num_rows` rows of a csv or parquet `data.path` (local or a pyarrow URI), read in
+    this process with pyarrow's dataset reader (no Ray task: a cheap look at the columns and their
+    types, as `read_table` will read them). Raises DataError (missing or unreadable)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.dataset as pads
+
+    path = cfg.data.path
+    assert path is not None and cfg.data.source in ("csv", "parquet")
+    if _is_local(path):
+        path = os.path.abspath(path.removeprefix("file://"))
+        if not os.path.exists(path):
+            raise DataError(f"data.path: {path}: no such file or folder")
+    file_format = pads.CsvFileFormat(convert_options=pacsv.ConvertOptions(strings_can_be_null=True)) \
+        if cfg.data.source == "csv" else "parquet"
+    try:
+        return pads.dataset(path, format=file_format).head(num_rows).to_pandas()
+    except Exception as e:  # pyarrow and fsspec raise many types for unreadable input
+        raise DataError(f"data.path: {path}: cannot read as {cfg.data.source} ({type(e).__name__}: {short_message(e)})") from None
 
 
 def check_local_file(cfg: Experiment) -> None:
