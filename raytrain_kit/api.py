@@ -214,7 +214,7 @@ def load_model(run_dir: str, *, epoch: Optional[int] = None) -> LoadedModel:
     from raytrain_kit import checkpoint as ckpt
     from raytrain_kit.config import build_experiment
     from raytrain_kit.data import spec_from_dict
-    from raytrain_kit.launch import checkpoint_record, chosen_checkpoint, read_model_state
+    from raytrain_kit.kept import checkpoint_record, chosen_checkpoint, read_model_state
     from raytrain_kit.models import build_model
     from raytrain_kit.storage import path_exists, read_run_file
 

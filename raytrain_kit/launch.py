@@ -39,10 +39,11 @@ from raytrain_kit.preflight import run_preflight
 from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file  # noqa: F401 (re-exported)
 from raytrain_kit.tracking import RunRecorder, check_tracking
 from raytrain_kit.loop import REPORT_SEQ, STARTUP, STEP_LOSSES
-from raytrain_kit.trial import registered_checkpoints, train_in_process
+from raytrain_kit.kept import (SUMMARY_FILE, _checkpoint_names_on_disk, _registered_checkpoint_names,  # noqa: F401
+                               checkpoint_dirs, checkpoint_record, chosen_checkpoint, read_model_state)
+from raytrain_kit.trial import train_in_process
 from raytrain_kit.worker import train_loop_per_worker, write_failure
 
-SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.yaml"
 
 
@@ -624,38 +625,6 @@ def runs_in_process(cfg: Experiment) -> bool:
     return cfg.scaling.single_process
 
 
-def _checkpoint_names_on_disk(directory: str) -> list[str]:
-    fs, path = filesystem(directory)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return []
-    return [i.base_name for i in fs.get_file_info(pafs.FileSelector(path))
-            if i.type == pafs.FileType.Directory and i.base_name.startswith(ckpt.CHECKPOINT_PREFIX)]
-
-
-def _registered_checkpoint_names(directory: str) -> set[str]:
-    """Checkpoints Ray Train registered (its snapshot file), or an in-process run did (its
-    registry, see trial.py); none before either was written: a checkpoint uploaded by a worker
-    that died before Ray Train registered the run's first one is no checkpoint."""
-    import json
-
-    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-
-    fs, path = filesystem(directory)
-    snapshot = f"{path}/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}"
-    if fs.get_file_info(snapshot).type != pafs.FileType.File:
-        return set(registered_checkpoints(directory) or [])
-    with fs.open_input_stream(snapshot) as f:
-        raw = json.loads(f.read().decode())
-    return {r["checkpoint_dir_name"] for r in raw.get("checkpoint_results", [])}
-
-
-def checkpoint_dirs(directory: str) -> dict[int, str]:
-    """Epoch -> path of every checkpoint the run keeps: registered with Ray Train, or by an in-process run."""
-    names = _checkpoint_names_on_disk(directory)
-    registered = _registered_checkpoint_names(directory)
-    return {int(n.rsplit("_", 1)[1]): f"{directory}/{n}" for n in names if n in registered}
-
-
 def checkpoint_preprocessing(directory: str) -> Optional[dict]:
     """The preprocessing the run's latest registered checkpoint was trained with (its data.json),
     or None (no checkpoint yet, or one from before it was kept)."""
@@ -665,15 +634,6 @@ def checkpoint_preprocessing(directory: str) -> Optional[dict]:
     if not kept or not path_exists(f"{kept[max(kept)]}/{ckpt.DATA_FILE}"):
         return None
     return json.loads(read_run_file(kept[max(kept)], ckpt.DATA_FILE)).get("preprocessing") or None
-
-
-def checkpoint_record(checkpoint: Optional[str], name: str) -> Optional[object]:
-    """A JSON record kept in a checkpoint (data.json, confusion.json), or None."""
-    import json
-
-    if not checkpoint or not path_exists(f"{checkpoint}/{name}"):
-        return None
-    return json.loads(read_run_file(checkpoint, name))
 
 
 def remove_orphan_checkpoints(directory: str) -> list[str]:
@@ -694,45 +654,6 @@ def remove_orphan_checkpoints(directory: str) -> list[str]:
 def exported_data_path(out: str) -> str:
     """Where `export` writes the data spec and fitted preprocessing beside the model file `out`."""
     return os.path.splitext(out)[0] + ".data.json"
-
-
-def chosen_checkpoint(directory: str, *, epoch: Optional[int] = None) -> str:
-    """The checkpoint `export`, `load_model` and `predict` use: the summary's (the best saved
-    epoch's), else the latest, or `epoch`'s. Raises ConfigError when there is none."""
-    import json
-
-    directory = directory.rstrip("/")
-    kept = checkpoint_dirs(directory)
-    if not kept:
-        raise ConfigError(f"{directory}: no checkpoint there; give a run directory as `train` printed it")
-    if epoch is not None:
-        if epoch not in kept:
-            raise ConfigError(f"--epoch: no checkpoint of epoch {epoch} in {directory}; kept: "
-                              f"{', '.join(str(e) for e in sorted(kept))}")
-        return kept[epoch]
-    if path_exists(f"{directory}/{SUMMARY_FILE}"):
-        return json.loads(read_run_file(directory, SUMMARY_FILE)).get("checkpoint") or kept[max(kept)]
-    return kept[max(kept)]
-
-
-def read_model_state(checkpoint: str) -> dict:
-    """A checkpoint's model as a plain `state_dict` on the CPU, sharded ones reassembled in this
-    process (fetched first from a URI). Raises RunError when it cannot be read."""
-    import shutil
-    import tempfile
-
-    local, fetched = checkpoint, None
-    if "://" in checkpoint:  # torch reads local files: fetch the checkpoint first
-        fs, path = filesystem(checkpoint)
-        fetched = local = tempfile.mkdtemp(prefix="raytrain-kit-export-")
-        pafs.copy_files(path, local, source_filesystem=fs)
-    try:
-        return ckpt.export_model_state(local)
-    except Exception as e:
-        raise RunError(f"{checkpoint}: cannot read the model ({type(e).__name__}: {short_message(e)})") from None
-    finally:
-        if fetched:
-            shutil.rmtree(fetched, ignore_errors=True)
 
 
 def export_run(directory: str, out: str, *, epoch: Optional[int] = None) -> tuple[str, int]:

@@ -36,10 +36,11 @@ from raytrain_kit.config import Experiment
 from raytrain_kit.data import DataSpec, read_block_ranges, split_for_workers
 from raytrain_kit.loop import InMemoryData, StreamedData, TrainState, build_train_state, restore, run_epochs, \
     write_checkpoint
+from raytrain_kit.kept import REGISTRY_FILE, registered_checkpoints  # noqa: F401 (the registry's reader lives there)
 from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file
 
-# {"checkpoints": [names, oldest first], "scores": {name: the run's metric}}: what an in-process run registered
-REGISTRY_FILE = "checkpoints.json"
+# REGISTRY_FILE holds {"checkpoints": [names, oldest first], "scores": {name: the run's metric}}:
+# what an in-process run registered.
 _PIECES_KEPT = 8  # datasets whose tensors a trial process keeps (a sweep's folds), most recent first
 _pieces: "OrderedDict[int, tuple[dict, tuple]]" = OrderedDict()
 
@@ -106,13 +107,6 @@ def _local_directory(uri: str) -> Iterator[Path]:
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: write, register, prune
-
-
-def registered_checkpoints(directory: str) -> Optional[list[str]]:
-    """Names of the checkpoints an in-process run registered, oldest first; None if it has none."""
-    if not path_exists(f"{directory}/{REGISTRY_FILE}"):
-        return None
-    return json.loads(read_run_file(directory, REGISTRY_FILE))["checkpoints"]
 
 
 def _registered_scores(directory: str) -> dict[str, float]:

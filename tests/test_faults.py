@@ -116,3 +116,12 @@ def _assert_records_hold_each_epoch_once(run_dir: Path, summary: dict) -> None:
     assert steps["step"].tolist() == [s for _, s, _ in json.loads(final.read_text())["steps"]]
     points = tensorboard_points(run_dir / "tensorboard")
     assert sorted(points["val_loss"]) == epochs and sorted(points["train_loss_step"]) == steps["step"].tolist()
+
+
+def test_the_kits_name_for_ray_trains_checkpoint_record_is_ray_trains():
+    """kept.py names Ray Train's snapshot file rather than importing Ray Train for it."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    from raytrain_kit.kept import TRAIN_SNAPSHOT_FILE
+
+    assert TRAIN_SNAPSHOT_FILE == CHECKPOINT_MANAGER_SNAPSHOT_FILENAME == "checkpoint_manager_snapshot.json"

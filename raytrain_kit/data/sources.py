@@ -94,9 +94,26 @@ def read_table(cfg: Experiment, *, num_blocks: Optional[int] = None) -> tuple[ra
             # keeps them as strings by default, which would make "NA" a category of its own).
             return ray.data.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True),
                                      override_num_blocks=num_blocks), path
-        return ray.data.read_parquet(path, override_num_blocks=num_blocks), path
+        return _read_parquet(path, num_blocks), path
     except Exception as e:  # pyarrow and fsspec raise many types for unreadable input
         raise DataError(f"data.path: {path}: cannot read as {d.source} ({type(e).__name__}: {short_message(e)})") from None
+
+
+def _read_parquet(path: str, num_blocks: Optional[int]) -> ray.data.Dataset:
+    """`ray.data.read_parquet` with Ray Data's V1 Parquet reader unless the user chose one
+    (RAY_DATA_USE_DATASOURCE_V2). Ray 2.60's default, V2, lists a folder in a task of its own
+    before reading: measured here, 8 files of 64 rows took 4.4-8.1 s to materialize against V1's
+    0.4-2.0 s, and 8 files of 25,000 rows 3.3-4.2 s against 0.7-0.9 s, read into one block
+    whatever `override_num_blocks` says (V1: one per file). The dataset keeps its own copy of the
+    context, so the switch holds for this read only."""
+    if "RAY_DATA_USE_DATASOURCE_V2" in os.environ:
+        return ray.data.read_parquet(path, override_num_blocks=num_blocks)
+    context = ray.data.DataContext.get_current()
+    chosen, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(path, override_num_blocks=num_blocks)
+    finally:
+        context.use_datasource_v2 = chosen
 
 
 def read_head(cfg: Experiment, num_rows: int) -> pd.DataFrame:
