@@ -1,0 +1,181 @@
+"""`raytrain-kit advise`: measurements that answer, before a run, which learning rate and which
+initialization suit the experiment's model and data.
+
+This module holds the maths, as pure functions on tensors and arrays (the command, which runs
+them as Ray work on the experiment's own workers and data, builds on them):
+
+- `range_test_lrs` and `suggest_lr`: the learning-rate range test (L. N. Smith, "Cyclical
+  Learning Rates for Training Neural Networks", WACV 2017, section 3.3): train for a few hundred
+  steps while the learning rate grows exponentially, smooth the loss, and pick the rate where
+  the smoothed loss falls fastest before it diverges (the pick of fastai's `lr_find`).
+- `propagation_stats`, `judge_propagation` and `diagnose_inits`: the signal-propagation
+  diagnostic (X. Glorot and Y. Bengio, AISTATS 2010; K. He et al., "Delving Deep into
+  Rectifiers", ICCV 2015, section 2.2): on one real batch at initialization, the standard
+  deviation of every weight layer's response and of the loss gradient with respect to it. Under
+  a scheme that does not preserve the variance the gradient shrinks (or grows) by a constant
+  factor per layer on its way back, so the first layer's gradient std over the last layer's
+  leaves [0.1, 10] in a deep network: the scheme is flagged vanishing (or exploding).
+
+Exercised by `tests/test_advise.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+HEALTHY_GRADIENT_RATIO = (0.1, 10.0)  # first layer's gradient std over the last layer's
+SMOOTHING = 0.98  # the range test's exponential moving average of the loss (fastai's lr_find)
+DIVERGENCE_FACTOR = 4.0  # the range test stops where the smoothed loss passes 4x its minimum so far
+MIN_POINTS = 8  # a range test needs this many steps before it diverges to pick from
+
+
+# ---------------------------------------------------------------------------------------------
+# The learning-rate range test
+
+
+def range_test_lrs(min_lr: float, max_lr: float, num_steps: int) -> np.ndarray:
+    """The range test's learning rate at each step: `num_steps` rates growing geometrically from
+    `min_lr` to `max_lr` (both included). Raises ValueError for an empty or reversed range."""
+    if not 0 < min_lr < max_lr or num_steps < 2:
+        raise ValueError(f"a range test needs 0 < min_lr < max_lr and 2 or more steps "
+                         f"(got {min_lr}, {max_lr}, {num_steps})")
+    return np.geomspace(min_lr, max_lr, num_steps)
+
+
+@dataclass(frozen=True)
+class LrSuggestion:
+    """The range test's verdict: `lr`, picked at step `index`; `smoothed` is the bias-corrected
+    moving average of the loss up to `stop` (the first diverged step, or the end)."""
+
+    lr: float
+    index: int
+    stop: int
+    smoothed: np.ndarray
+
+
+def smooth_losses(losses: Sequence[float], *, beta: float = SMOOTHING) -> np.ndarray:
+    """The exponential moving average of `losses`, bias-corrected as Adam's moments are (so the
+    first values are not pulled towards 0). Causal: it lags the losses by about beta/(1-beta)
+    steps, which is right for spotting the divergence as it happens."""
+    average, out = 0.0, np.empty(len(losses))
+    for i, loss in enumerate(losses):
+        average = beta * average + (1 - beta) * float(loss)
+        out[i] = average / (1 - beta ** (i + 1))
+    return out
+
+
+def smooth_losses_zero_lag(losses: Sequence[float], *, beta: float = SMOOTHING) -> np.ndarray:
+    """`smooth_losses` forwards, then backwards over the result (as scipy's filtfilt does with a
+    filter): as smooth, without the lag, which would put the steepest descent about 50 steps
+    (at beta 0.98) later, at a learning rate several times too high."""
+    return smooth_losses(smooth_losses(losses, beta=beta)[::-1], beta=beta)[::-1]
+
+
+def suggest_lr(lrs: Sequence[float], losses: Sequence[float], *, beta: float = SMOOTHING,
+               divergence_factor: float = DIVERGENCE_FACTOR) -> LrSuggestion:
+    """The learning rate at the steepest descent of the smoothed loss against log(lr), before the
+    loss diverges: a non-finite loss, or the (causally) smoothed loss above `divergence_factor`
+    times its minimum so far. The descent is read off the zero-lag smoothing of the losses
+    before the divergence. `lrs` and `losses`: one per step, lrs increasing. Raises ValueError
+    when fewer than MIN_POINTS steps come before the divergence (start the range lower)."""
+    lrs, losses = np.asarray(lrs, dtype=np.float64), np.asarray(losses, dtype=np.float64)
+    if lrs.shape != losses.shape or lrs.ndim != 1:
+        raise ValueError(f"one loss per learning rate (got {lrs.shape} and {losses.shape})")
+    bad = np.flatnonzero(~np.isfinite(losses))
+    stop = int(bad[0]) if bad.size else len(losses)
+    causal = smooth_losses(losses[:stop], beta=beta)
+    above = np.flatnonzero(causal > divergence_factor * np.minimum.accumulate(causal))
+    stop = int(above[0]) if above.size else stop
+    if stop < MIN_POINTS:
+        raise ValueError(f"the loss diverged after {stop} of {len(losses)} steps (at lr {lrs[min(stop, len(lrs) - 1)]:.3g}): "
+                         "start the range test at a lower learning rate")
+    smoothed = smooth_losses_zero_lag(losses[:stop], beta=beta)
+    index = int(np.argmin(np.gradient(smoothed, np.log(lrs[:stop]))))
+    return LrSuggestion(lr=float(lrs[index]), index=index, stop=stop, smoothed=smoothed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Signal propagation at initialization
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One weight layer on one batch: the std of its response (its output, before the
+    nonlinearity that follows) and of the loss gradient with respect to that response."""
+
+    name: str
+    activation_std: float
+    gradient_std: float
+
+
+_WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def propagation_stats(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> list[LayerStats]:
+    """Each linear and convolutional layer of `model`, in the order the forward pass runs them:
+    `LayerStats` from one forward and backward pass of `loss_fn(model(inputs), targets)`. The
+    model's parameters get gradients (zero them, or build a fresh model, before training it)."""
+    responses: list[tuple[str, torch.Tensor]] = []
+
+    def keep(name: str):
+        def hook(_module, _inputs, output):
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.retain_grad()
+                responses.append((name, output))
+        return hook
+
+    handles = [m.register_forward_hook(keep(name)) for name, m in model.named_modules() if isinstance(m, _WEIGHT_LAYERS)]
+    try:
+        loss_fn(model(inputs), targets).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [LayerStats(name, float(out.detach().float().std()), float(out.grad.float().std()) if out.grad is not None else 0.0)
+            for name, out in responses]
+
+
+def gradient_ratio(stats: Sequence[LayerStats]) -> float:
+    """The first layer's gradient std over the last layer's (1 for a network of one layer)."""
+    first, last = stats[0].gradient_std, stats[-1].gradient_std
+    return first / last if last > 0 else (math.inf if first > 0 else 0.0)
+
+
+def judge_propagation(stats: Sequence[LayerStats], *, healthy: tuple[float, float] = HEALTHY_GRADIENT_RATIO) -> str:
+    """'vanishing', 'exploding' or 'healthy': where `gradient_ratio` falls against `healthy`."""
+    ratio = gradient_ratio(stats)
+    if not ratio >= healthy[0]:  # NaN counts as vanishing: no gradient reaches the first layer
+        return "vanishing"
+    return "exploding" if ratio > healthy[1] else "healthy"
+
+
+@dataclass(frozen=True)
+class InitDiagnosis:
+    """One init scheme on the experiment's model and a real batch."""
+
+    scheme: str
+    stats: list[LayerStats]
+    gradient_ratio: float
+    verdict: str
+
+
+def diagnose_inits(build: Callable[[str], nn.Module], schemes: Sequence[str], inputs: torch.Tensor,
+                   targets: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                   ) -> tuple[list[InitDiagnosis], str]:
+    """Each scheme's `propagation_stats` on the model `build(scheme)` returns (built afresh, with
+    the same seed), its verdict, and the recommended scheme: of the healthy ones, the one whose
+    gradient ratio is nearest 1 on a log scale (the first of equals, in `schemes`' order); with
+    no healthy one, the nearest of all."""
+    diagnoses = []
+    for scheme in schemes:
+        stats = propagation_stats(build(scheme), inputs, targets, loss_fn)
+        diagnoses.append(InitDiagnosis(scheme, stats, gradient_ratio(stats), judge_propagation(stats)))
+    healthy = [d for d in diagnoses if d.verdict == "healthy"] or diagnoses
+    best = min(healthy, key=lambda d: abs(math.log(d.gradient_ratio)) if 0 < d.gradient_ratio < math.inf else math.inf)
+    return diagnoses, best.scheme

@@ -1,0 +1,129 @@
+"""The maths of `advise`: the learning-rate range test's pick, and the signal-propagation
+diagnostic of initialization schemes (He et al. 2015's 30-layer ReLU case). Pure torch, no Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from raytrain_kit.advise import (diagnose_inits, judge_propagation, propagation_stats, range_test_lrs, smooth_losses,
+                                 suggest_lr)
+from raytrain_kit.config import build_experiment
+from raytrain_kit.data import DataSpec
+from raytrain_kit.data.sources import digits_arrays
+from raytrain_kit.models import build_model
+
+
+def _range_test_curve(num_steps: int, *, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """A loss that falls fastest at lr 1e-3 (in log lr), flattens, then diverges past lr 0.1."""
+    lrs = range_test_lrs(1e-6, 1.0, num_steps)
+    falling = 1.3 - np.tanh(2 * (np.log10(lrs) + 3))
+    diverging = np.where(lrs > 0.1, 40 * (np.log10(lrs) + 1), 0.0)
+    return lrs, falling + diverging + noise * np.random.default_rng(0).standard_normal(num_steps)
+
+
+def test_range_test_rates_grow_geometrically_and_bad_ranges_are_refused():
+    lrs = range_test_lrs(1e-5, 1e-1, 5)
+    np.testing.assert_allclose(lrs, [1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
+    with pytest.raises(ValueError, match="0 < min_lr < max_lr"):
+        range_test_lrs(1e-1, 1e-5, 10)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1])
+def test_the_pick_is_the_steepest_descent_before_the_divergence(noise):
+    lrs, losses = _range_test_curve(300, noise=noise)
+    suggestion = suggest_lr(lrs, losses)
+    assert suggestion.lr == pytest.approx(1e-3, rel=0.1)  # the causal average alone would pick ~4e-3
+    # It stops once the causal average passes 4x its minimum: past lr 0.1, where the loss turns.
+    assert 0.1 < lrs[suggestion.stop] < 0.5 and len(suggestion.smoothed) == suggestion.stop
+    # The divergence is not in what it picked from: the smoothed loss there stays below the start.
+    assert suggestion.smoothed.max() <= suggestion.smoothed[0] + 0.5
+
+
+def test_smoothing_is_bias_corrected_and_a_non_finite_loss_stops_the_test():
+    assert smooth_losses([2.0, 2.0, 2.0]).tolist() == pytest.approx([2.0, 2.0, 2.0])  # no pull towards 0
+    lrs, losses = _range_test_curve(300, noise=0.0)
+    losses[200] = np.nan
+    assert suggest_lr(lrs, losses).stop == 200
+    losses[5] = np.inf
+    with pytest.raises(ValueError, match="diverged after 5 of 300 steps .* start the range test at a lower"):
+        suggest_lr(lrs, losses)
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The digits as the kit trains them: pixels / 16, standardized per feature (a constant one
+    keeps scale 1)."""
+    x, y = digits_arrays()
+    x = x / 16.0
+    std = x.std(axis=0)
+    x = (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+
+
+def _deep_relu_mlp(scheme: str) -> nn.Module:
+    cfg = build_experiment({"data": {"source": "digits"}, "model": {"kind": "mlp", "hidden": [64] * 30, "activation": "relu"},
+                            "init": {"scheme": scheme, "std": 0.02}})
+    return build_model(cfg, DataSpec(num_features=64, num_classes=10, input_shape=(64,), num_train_rows=1437,
+                                     num_val_rows=360))
+
+
+def _best_val_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int) -> tuple[float, float]:
+    """SGD with momentum, as He et al. trained: (best validation accuracy, last training loss)."""
+    order = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9)
+    (train_x, val_x), (train_y, val_y) = x.split([1437, 360]), y.split([1437, 360])
+    best, loss = 0.0, torch.tensor(float("nan"))
+    for _ in range(epochs):
+        for rows in torch.randperm(len(train_x), generator=order).split(32):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(train_x[rows]), train_y[rows])
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            best = max(best, (model(val_x).argmax(dim=1) == val_y).float().mean().item())
+    return best, loss.item()
+
+
+def test_a_30_layer_relu_mlp_vanishes_under_xavier_and_small_normal_and_kaiming_is_recommended():
+    """He et al. 2015 (section 2.2, Fig. 3): a ReLU halves the variance a layer passes on, which
+    Xavier's 1/fan scale does not make up for: over 30 layers the gradient reaching the first
+    layer is about 2^-15 of the last's, and the network does not learn. Kaiming's 2/fan does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: one thread is fastest, and the same on any machine
+    try:
+        _check_the_30_layer_case()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_the_30_layer_case() -> None:
+    torch.manual_seed(0)
+    x, y = _digits()
+    schemes = ["xavier_normal", "normal", "kaiming_normal", "kaiming_uniform"]
+    diagnoses, recommended = diagnose_inits(_deep_relu_mlp, schemes, x[:256], y[:256], nn.functional.cross_entropy)
+    verdicts = {d.scheme: d.verdict for d in diagnoses}
+    assert verdicts == {"xavier_normal": "vanishing", "normal": "vanishing", "kaiming_normal": "healthy",
+                        "kaiming_uniform": "healthy"}, {d.scheme: d.gradient_ratio for d in diagnoses}
+    assert recommended.startswith("kaiming")
+    xavier = next(d for d in diagnoses if d.scheme == "xavier_normal")
+    assert len(xavier.stats) == 31 and xavier.gradient_ratio < 1e-3  # 30 hidden layers and the head
+    # Forward too: Xavier's responses shrink layer by layer, Kaiming's keep their scale.
+    kaiming = next(d for d in diagnoses if d.scheme == "kaiming_normal")
+    assert xavier.stats[-2].activation_std < 1e-3 * xavier.stats[0].activation_std
+    assert 0.1 < kaiming.stats[-2].activation_std / kaiming.stats[0].activation_std < 10
+
+    # And the flagged scheme stalls where the recommended one learns.
+    stalled, stalled_loss = _best_val_accuracy(_deep_relu_mlp("xavier_normal"), x, y, epochs=6)
+    learned, _ = _best_val_accuracy(_deep_relu_mlp(recommended), x, y, epochs=6)
+    assert stalled <= 0.15 and stalled_loss == pytest.approx(np.log(10), abs=0.05)  # chance, 10 classes
+    assert learned >= 0.3
+
+
+def test_a_shallow_network_is_healthy_under_any_scaled_scheme():
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+    torch.manual_seed(0)
+    stats = propagation_stats(model, torch.randn(64, 8), torch.randint(0, 3, (64,)), nn.functional.cross_entropy)
+    assert [s.name for s in stats] == ["0", "2"] and all(s.gradient_std > 0 for s in stats)
+    assert judge_propagation(stats) == "healthy"
