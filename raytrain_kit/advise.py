@@ -179,3 +179,46 @@ def diagnose_inits(build: Callable[[str], nn.Module], schemes: Sequence[str], in
     healthy = [d for d in diagnoses if d.verdict == "healthy"] or diagnoses
     best = min(healthy, key=lambda d: abs(math.log(d.gradient_ratio)) if 0 < d.gradient_ratio < math.inf else math.inf)
     return diagnoses, best.scheme
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: what a worker holds
+
+
+def optimizer_buffers(cfg) -> tuple[int, bool]:
+    """(tensors of each parameter's size the optimizer keeps, whether it also keeps a scalar step
+    tensor per parameter), as torch.optim's implementations do: Adam/AdamW exp_avg and
+    exp_avg_sq; Adagrad its sum; RMSprop square_avg, plus a momentum buffer when momentum > 0;
+    SGD a momentum buffer when momentum > 0, and no step."""
+    o = cfg.optim
+    if o.name in ("adam", "adamw"):
+        return 2, True
+    if o.name == "adagrad":
+        return 1, True
+    if o.name == "rmsprop":
+        return 1 + (o.momentum > 0), True
+    return int(o.momentum > 0), False
+
+
+def shard_numel(shape: torch.Size, num_shards: int) -> int:
+    """Elements of the largest shard of a tensor FSDP2 splits along dim 0 into `num_shards`
+    (torch.chunk's split: the first shards take ceil(rows / num_shards) rows)."""
+    if num_shards <= 1 or len(shape) == 0:
+        return int(math.prod(shape))
+    return math.ceil(shape[0] / num_shards) * int(math.prod(shape[1:]))
+
+
+def plan_state_bytes(model: nn.Module, cfg, *, num_shards: int = 1) -> int:
+    """Bytes of parameters, gradients and optimizer state the largest worker holds once the
+    optimizer has stepped: every parameter whole (`num_shards` 1: ddp), or its dim-0 shard
+    (fsdp: the worker count; hsdp: the shard group's size). Matches `parallel.state_bytes`
+    after a step. Source: torch.optim's per-parameter state, FSDP2's dim-0 sharding."""
+    buffers, step = optimizer_buffers(cfg)
+    total = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            total += shard_numel(p.shape, num_shards) * p.element_size()
+            continue
+        total += shard_numel(p.shape, num_shards) * p.element_size() * (2 + buffers)  # the weight, its gradient, the buffers
+        total += 4 * step  # a float32 scalar step per parameter (fused and foreach kernels keep it as a tensor)
+    return total

@@ -127,3 +127,22 @@ def test_a_shallow_network_is_healthy_under_any_scaled_scheme():
     stats = propagation_stats(model, torch.randn(64, 8), torch.randint(0, 3, (64,)), nn.functional.cross_entropy)
     assert [s.name for s in stats] == ["0", "2"] and all(s.gradient_std > 0 for s in stats)
     assert judge_propagation(stats) == "healthy"
+
+
+@pytest.mark.parametrize("optim", [{"name": "adamw"}, {"name": "adam"}, {"name": "sgd", "momentum": 0.9}, {"name": "sgd"},
+                                   {"name": "adagrad"}, {"name": "rmsprop"}, {"name": "rmsprop", "momentum": 0.5}])
+def test_the_planned_state_is_what_a_worker_holds_after_a_step(optim):
+    """The plan against the kit's own measure (`parallel.state_bytes`, which the runs report as
+    state_mb) on the built model and optimizer after one real step, byte for byte."""
+    from raytrain_kit.advise import plan_state_bytes
+    from raytrain_kit.optim import build_optimizer
+    from raytrain_kit.parallel import state_bytes
+
+    cfg = build_experiment({"data": {"source": "digits"}, "model": {"kind": "cnn"}, "optim": optim})
+    model = build_model(cfg, DataSpec(num_features=64, num_classes=10, input_shape=(1, 8, 8), num_train_rows=1437,
+                                      num_val_rows=360))
+    optimizer = build_optimizer(model, cfg)
+    x, y = _digits()
+    nn.functional.cross_entropy(model(x[:32].view(-1, 1, 8, 8)), y[:32]).backward()
+    optimizer.step()
+    assert plan_state_bytes(model, cfg) == state_bytes(model, optimizer) > 0

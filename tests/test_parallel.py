@@ -116,6 +116,14 @@ def test_fsdp_shards_what_each_worker_holds(runs):
     # hsdp shards within groups of 2, so it holds as much as fsdp on 2 workers.
     assert fsdp["state_mb"] <= 0.55 * ddp["state_mb"]
     assert hsdp["state_mb"] == pytest.approx(fsdp["state_mb"], rel=0.05)
+    # `advise`'s memory plan of the same: every tensor whole, or its dim-0 shard, to the byte
+    # (state_mb is rounded to 1e-4 MB).
+    from raytrain_kit.advise import plan_state_bytes
+
+    model = build_model(runs["fsdp"]["cfg"], _datasets(1)[1])
+    for shards, measured in ((1, ddp), (2, fsdp), (2, hsdp)):
+        assert measured["state_mb"] == pytest.approx(plan_state_bytes(model, runs["fsdp"]["cfg"], num_shards=shards) / 2**20,
+                                                     abs=1e-4), shards
 
 
 def test_export_gives_a_plain_state_dict_with_the_same_validation_loss(runs, tmp_path):
