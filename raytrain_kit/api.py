@@ -135,17 +135,34 @@ def export(run_dir: str, out: str, *, epoch: Optional[int] = None) -> str:
     return export_run(run_dir, out, epoch=epoch)[0]
 
 
-def predict(run_dir: str, data: Optional[str], out: str, *, split: str = "val", epoch: Optional[int] = None,
-            batch_size: int = 1024, num_workers: int = 2, log: Log = None) -> dict:
-    """`raytrain-kit predict`: the run's model over `data` (or its own `split`) as Ray Data batch
-    inference on `num_workers` actors, written to the folder `out`; returns the counts and the
-    scores of a label column (`inference.predict_run`); `log` receives the line `predict` prints
-    before it starts. For a DataFrame in memory, use
-    `load_model(run_dir).predict(frame)`. Raises ConfigError or DataError."""
+@dataclass(frozen=True)
+class PredictionResult:
+    """What `predict` wrote and how its rows scored."""
+
+    out: str  # the folder of part files written (Parquet, or CSV when it ends in .csv)
+    rows: int
+    num_actors: int  # actors that predicted rows
+    checkpoint: str
+    source: str  # where the rows came from
+    scored_rows: int  # rows with a label of the run's classes (or a finite value, for regression)
+    accuracy: Optional[float]  # over the scored rows; None for regression or without labels
+    loss: Optional[float]  # mean cross-entropy (squared error for regression) over the scored rows
+    unseen_labels: int  # rows whose label is none of the run's classes: not scored
+
+
+def predict(run_dir: str, data: Optional[str] = None, out: Optional[str] = None, *, split: str = "val",
+            epoch: Optional[int] = None, batch_size: int = 1024, num_workers: int = 2, log: Log = None) -> PredictionResult:
+    """`raytrain-kit predict`: the run's model over `data` (a file, folder or URI; None: the run's
+    own `split`) as Ray Data batch inference on `num_workers` actors, written to the folder `out`
+    (`inference.predict_run`); `log` receives the line `predict` prints before it starts. For a
+    DataFrame in memory, use `load_model(run_dir).predict(frame)`. Raises ConfigError or DataError."""
     from raytrain_kit.inference import predict_run
 
-    return predict_run(run_dir, data, out, split=split, epoch=epoch, batch_size=batch_size, num_workers=num_workers,
-                       log=log or (lambda line: None))
+    if not out:
+        raise ConfigError("out: give the folder to write the predictions to")
+    result = predict_run(run_dir, data, out, split=split, epoch=epoch, batch_size=batch_size, num_workers=num_workers,
+                         log=log or (lambda line: None))
+    return PredictionResult(**result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,17 +222,16 @@ class LoadedModel:
         return out
 
 
-def load_model(run_dir: str, *, epoch: Optional[int] = None) -> LoadedModel:
-    """The model of a run's checkpoint (the summary's: the best saved epoch's; or `epoch`'s),
-    sharded checkpoints reassembled, with the config and fitted preprocessing it was trained
-    with. Raises ConfigError (no run or checkpoint there) or RunError (unreadable)."""
+def read_run_record(run_dir: str, *, epoch: Optional[int] = None) -> tuple[Experiment, str, Any]:
+    """(the run's experiment, the checkpoint `load_model` would use, its DataSpec with the
+    fitted preprocessing), read without torch or Ray. Raises ConfigError (no run, checkpoint or
+    record there)."""
     import yaml
 
     from raytrain_kit import checkpoint as ckpt
     from raytrain_kit.config import build_experiment
     from raytrain_kit.data import spec_from_dict
-    from raytrain_kit.kept import checkpoint_record, chosen_checkpoint, read_model_state
-    from raytrain_kit.models import build_model
+    from raytrain_kit.kept import checkpoint_record, chosen_checkpoint
     from raytrain_kit.storage import path_exists, read_run_file
 
     run_dir = run_dir.rstrip("/")
@@ -227,7 +243,17 @@ def load_model(run_dir: str, *, epoch: Optional[int] = None) -> LoadedModel:
     if not record or not record.get("preprocessing"):
         raise ConfigError(f"{checkpoint}: no fitted preprocessing (data.json) in this checkpoint; it was written by an "
                           "older raytrain-kit: train the run again (or --resume it one epoch) to record it")
-    spec = spec_from_dict(record)
+    return cfg, checkpoint, spec_from_dict(record)
+
+
+def load_model(run_dir: str, *, epoch: Optional[int] = None) -> LoadedModel:
+    """The model of a run's checkpoint (the summary's: the best saved epoch's; or `epoch`'s),
+    sharded checkpoints reassembled, with the config and fitted preprocessing it was trained
+    with. Raises ConfigError (no run or checkpoint there) or RunError (unreadable)."""
+    from raytrain_kit.kept import read_model_state
+    from raytrain_kit.models import build_model
+
+    cfg, checkpoint, spec = read_run_record(run_dir, epoch=epoch)
     model = build_model(cfg, spec)
     model.load_state_dict(read_model_state(checkpoint))  # strict: the checkpoint is this model's
     model.eval()
@@ -271,8 +297,9 @@ def _encoded_rows(frame: pd.DataFrame, cfg: Experiment, prep: dict, input_shape:
 def _require(frame: pd.DataFrame, columns: list[str]) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
+        shown = ", ".join(map(repr, columns[:8])) + (f", ... ({len(columns)} columns)" if len(columns) > 8 else "")
         raise DataError(f"column(s) {', '.join(map(repr, missing))} missing from the rows to predict; the model "
-                        f"reads {', '.join(map(repr, columns))}")
+                        f"reads {shown}")
 
 
 def _raise_bad(bad: np.ndarray, *, what: str) -> None:

@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1024, help="rows per forward pass (default 1024)")
     p.add_argument("--num-workers", type=int, default=2, help="actors, each loading the model once (default 2)")
     p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
+    _add_verbosity(p)
     sub.add_parser("reference", help="print the config reference (Markdown) generated from the config models")
     return parser
 
@@ -167,26 +168,35 @@ def _train(args) -> int:
 
 
 def _predict(args) -> int:
-    from raytrain_kit.cluster import connect, disconnect
+    from raytrain_kit.cluster import connect, disconnect, ray_notices_hidden
     from raytrain_kit.errors import ConfigError
+    from raytrain_kit.progress import QUIET, VERBOSE
 
     if args.num_workers < 1 or args.batch_size < 1:
         raise ConfigError("--num-workers and --batch-size: give 1 or more")
     if os.path.exists(args.out) and os.listdir(args.out):
         raise ConfigError(f"--out: {args.out} already holds files; give a new folder (predictions are never mixed)")
-    started_ray = connect(args.address)
+    from raytrain_kit.inference import check_inputs
+
+    check_inputs(args.directory, args.data, epoch=args.epoch)  # before Ray's start: bad input is one line at once
+    verbose = _verbosity(args) >= VERBOSE
+    started_ray = connect(args.address, verbose=verbose)
     from raytrain_kit.api import predict
 
-    result = predict(args.directory, args.data, args.out, split=args.split, epoch=args.epoch,
-                     batch_size=args.batch_size, num_workers=args.num_workers, log=print)
+    with contextlib.nullcontext() if verbose else ray_notices_hidden():  # Ray's actor pools log a notice as an error
+        result = predict(args.directory, args.data, args.out, split=args.split, epoch=args.epoch,
+                         batch_size=args.batch_size, num_workers=args.num_workers,
+                         log=print if _verbosity(args) > QUIET else lambda line: None)
     scores = []
-    if result["accuracy"] is not None:
-        scores.append(f"accuracy {result['accuracy']:.4f}")
-    if result["loss"] is not None:
-        scores.append(f"loss {result['loss']:.4f}")
-    scored = f"; {', '.join(scores)} over {result['scored_rows']:,} labelled rows" if scores else ""
-    print(f"predicted {result['rows']:,} rows on {result['num_actors']} actor(s){scored}")
-    print(f"wrote {args.out}")
+    if result.accuracy is not None:
+        scores.append(f"accuracy {result.accuracy:.4f}")
+    if result.loss is not None:
+        scores.append(f"loss {result.loss:.4f}")
+    scored = f"; {', '.join(scores)} over {result.scored_rows:,} labelled rows" if scores else ""
+    print(f"predicted {result.rows:,} rows on {result.num_actors} actor(s){scored}")
+    if result.unseen_labels:
+        print(f"not scored: {result.unseen_labels:,} row(s) whose label is none of the run's classes")
+    print(f"wrote {args.out} (a folder: one {'CSV' if args.out.lower().endswith('.csv') else 'Parquet'} file per block)")
     if started_ray:
         disconnect()
     return 0

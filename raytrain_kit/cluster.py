@@ -9,12 +9,15 @@ Exercised by every command and by the suite's shared `ray_session` fixture.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import sys
+import tempfile
 import threading
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 import ray
 
@@ -125,6 +128,34 @@ def _hide_raylet_messages() -> None:
     import ray._private.worker as ray_worker
 
     ray_worker.print_to_stdstream = lambda data, ignore_prefix=False: None
+
+
+# Notices Ray's C++ core logs as errors to the driver's stderr: every Ray Data actor pool
+# (ray-project/ray#53727; the actors restart as they should, with their arguments kept).
+RAY_NOTICES = ("has constructor arguments in the object store and max_restarts > 0",)
+
+
+@contextlib.contextmanager
+def ray_notices_hidden() -> Iterator[None]:
+    """While the block runs, this process's stderr (file descriptor 2, where Ray's C++ core
+    writes, past Python's `sys.stderr`) goes to a temporary file; afterwards every line of it but
+    RAY_NOTICES' is written back to stderr, in order. Ray's log level cannot hide them: setting
+    RAY_BACKEND_LOG_LEVEL prints a line of its own."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().splitlines(keepends=True)
+                    if not any(notice.encode() in line for notice in RAY_NOTICES)]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def disconnect() -> None:

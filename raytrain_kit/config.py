@@ -45,7 +45,7 @@ class DataConfig(_Section):
     task: Literal["classification", "regression"] = "classification"
     """Cross-entropy with accuracy, or mean squared error."""
     num_classes: Optional[int] = Field(default=None, ge=0)
-    """Classes; files: inferred from the labels when omitted (then every class 0..max must occur). Synthetic: default 2 for classification, 0 (a continuous target) for regression."""
+    """Classes. Files, omitted: labels that are exactly 0..k-1 are class indices as they are, any others are classes numbered in sorted order. Files, given: integer labels are class indices as they are, each in [0, num_classes) (a class may be absent). Synthetic: default 2 for classification, 0 (a continuous target) for regression."""
     val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     """Fraction of rows held out for validation by a seeded split (seed: train.seed)."""
     num_rows: int = Field(default=10_000, ge=10)

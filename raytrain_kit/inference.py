@@ -31,8 +31,7 @@ from raytrain_kit.api import LoadedModel, load_model
 from raytrain_kit.config import Experiment, with_overrides
 from raytrain_kit.errors import DataError
 
-LABEL = "label"  # the output's label column, when the rows come from the run's own data
-_SCORES = ("_correct", "_loss", "_scored")  # per-row scoring columns, summed then dropped
+_SCORES = ("_correct", "_loss", "_scored", "_unseen")  # per-row scoring columns, summed then dropped
 ACTORS_START_TIMEOUT_S = 600  # the pool's actors must all start within this (a busy cluster may queue them)
 TASKS_PER_ACTOR = 4  # blocks per actor: enough to balance the pool, few enough to cost nothing
 _ACTOR = "_actor"  # the process that predicted the row: how many actors shared the work
@@ -57,11 +56,11 @@ class _Predictor:
             labels = np.asarray(batch["y"])
             if loaded.classes is not None:
                 labels = np.asarray(loaded.classes, dtype=object)[labels.astype(np.int64)]
-            keep = pd.DataFrame({LABEL: labels})
+            keep = pd.DataFrame({cfg.data.label: labels})  # the run's label column, by its name
         else:
             out = loaded.predict(batch, batch_rows=self.batch_size)
             keep = batch[[c for c in batch.columns if c not in _feature_columns(loaded)]]
-        label = LABEL if self.encoded else (cfg.data.label if cfg.data.label in batch.columns else None)
+        label = cfg.data.label if self.encoded or cfg.data.label in batch.columns else None
         result = pd.concat([keep, out], axis=1)
         result = pd.concat([result, _scores(result, label=label, classes=loaded.classes)], axis=1)
         result[_ACTOR] = os.getpid()
@@ -89,16 +88,18 @@ def _feature_columns(loaded: LoadedModel) -> set[str]:
 
 
 def _scores(result: pd.DataFrame, *, label: Optional[str], classes: Optional[list]) -> pd.DataFrame:
-    """Per-row correctness and loss where the row has a label the run knows."""
+    """Per-row correctness and loss where the row has a label the run knows; `_unseen` marks a
+    label given that is none of the run's classes (not scored, but counted and reported)."""
     n = len(result)
+    zeros = np.zeros(n)
     if label is None:
-        return pd.DataFrame({"_correct": np.zeros(n), "_loss": np.zeros(n), "_scored": np.zeros(n)}, index=result.index)
+        return pd.DataFrame({"_correct": zeros, "_loss": zeros, "_scored": zeros, "_unseen": zeros}, index=result.index)
     truth = result[label]
     if classes is None:  # regression: squared error
         error = (result["prediction"].to_numpy(np.float64) - truth.to_numpy(np.float64)) ** 2
         known = np.isfinite(error)
-        return pd.DataFrame({"_correct": np.zeros(n), "_loss": np.where(known, error, 0.0), "_scored": known * 1.0},
-                            index=result.index)
+        return pd.DataFrame({"_correct": zeros, "_loss": np.where(known, error, 0.0), "_scored": known * 1.0,
+                             "_unseen": zeros}, index=result.index)
     # A label's class index by its text (how classes are recorded), -1 for one the run never saw.
     codes = pd.Categorical(truth.astype(str), categories=[str(c) for c in classes]).codes.astype(np.int64)
     known = codes >= 0
@@ -106,7 +107,9 @@ def _scores(result: pd.DataFrame, *, label: Optional[str], classes: Optional[lis
     picked = probs[np.arange(n), np.where(known, codes, 0)]
     loss = np.where(known, -np.log(np.maximum(picked, 1e-300)), 0.0)
     correct = known & (probs.argmax(axis=1) == codes)
-    return pd.DataFrame({"_correct": correct * 1.0, "_loss": loss, "_scored": known * 1.0}, index=result.index)
+    unseen = ~known & truth.notna().to_numpy()
+    return pd.DataFrame({"_correct": correct * 1.0, "_loss": loss, "_scored": known * 1.0, "_unseen": unseen * 1.0},
+                        index=result.index)
 
 
 def _rows(loaded: LoadedModel, data: Optional[str], *, split: str, num_blocks: int
@@ -121,12 +124,9 @@ def _rows(loaded: LoadedModel, data: Optional[str], *, split: str, num_blocks: i
     if data is None:
         datasets, _ = build_datasets(cfg, fitted=loaded.spec.preprocessing)
         rows = datasets["train"].union(datasets["val"]) if split == "all" else datasets[split]
-        return rows, None, f"the run's {split} rows"
-    if "://" not in data and not os.path.exists(data):
-        raise DataError(f"DATA: {os.path.abspath(data)}: no such file or folder")
-    source = cfg.data.source if cfg.data.source == "images" else ("csv" if data.lower().endswith(".csv") else "parquet")
-    reading: Experiment = with_overrides(cfg, {"data.source": source, "data.path": data})
-    if source == "images":
+        return rows, None, "all of the run's rows" if split == "all" else f"the run's {split} rows"
+    reading = _reading(cfg, data)
+    if reading.data.source == "images":
         paths, labels, where = list_images(reading)
         frame = pd.DataFrame({cfg.data.image_column: paths, cfg.data.label: labels})
         pieces = [p for p in np.array_split(frame, min(num_blocks, len(frame))) if len(p)] or [frame]
@@ -134,12 +134,37 @@ def _rows(loaded: LoadedModel, data: Optional[str], *, split: str, num_blocks: i
     return read_table(reading, num_blocks=num_blocks)[0], read_head(reading, HEAD_ROWS), data
 
 
+def _reading(cfg: Experiment, data: str) -> Experiment:
+    """The run's experiment reading `data` instead: an image folder for an image run, else CSV
+    (by the extension) or Parquet. Raises DataError when a local `data` does not exist."""
+    if "://" not in data and not os.path.exists(data):
+        raise DataError(f"DATA: {os.path.abspath(data)}: no such file or folder")
+    source = cfg.data.source if cfg.data.source == "images" else ("csv" if data.lower().endswith(".csv") else "parquet")
+    return with_overrides(cfg, {"data.source": source, "data.path": data})
+
+
+def check_inputs(run_dir: str, data: Optional[str], *, epoch: Optional[int] = None) -> None:
+    """`predict_run`'s first checks, without Ray, torch or the model (the CLI runs them before
+    Ray starts, so bad input is one line in a second): a run directory with a checkpoint and its
+    record; DATA that exists; a table's first rows through the run's preprocessing (a missing or
+    mistyped column). Raises ConfigError or DataError."""
+    from raytrain_kit.api import _encoded_rows, read_run_record
+    from raytrain_kit.data.sources import read_head
+
+    cfg, _, spec = read_run_record(run_dir, epoch=epoch)
+    if data is None:
+        return
+    reading = _reading(cfg, data)
+    if reading.data.source != "images":  # an image's bytes are read by the actors
+        _encoded_rows(read_head(reading, HEAD_ROWS), cfg, spec.preprocessing, tuple(spec.input_shape))
+
+
 def predict_run(run_dir: str, data: Optional[str], out: str, *, split: str = "val", epoch: Optional[int] = None,
                 batch_size: int = 1024, num_workers: int = 2, log: Callable[[str], None] = lambda line: None) -> dict:
     """Predict `data`'s rows (or the run's own `split`) with the run's model on `num_workers`
     actors and write them to `out` (a folder of Parquet files; CSV when `out` ends in .csv).
-    Returns {"rows", "accuracy", "loss", "scored_rows", "num_actors" (that predicted rows), "out",
-    "checkpoint", "source"}.
+    Returns {"rows", "accuracy", "loss", "scored_rows", "unseen_labels" (rows whose label is none of
+    the run's classes: not scored), "num_actors" (that predicted rows), "out", "checkpoint", "source"}.
     Raises ConfigError (no run, checkpoint or record) and DataError (rows the model cannot read)."""
     if not ray.is_initialized():
         from raytrain_kit.cluster import connect
@@ -174,8 +199,8 @@ def predict_run(run_dir: str, data: Optional[str], out: str, *, split: str = "va
         raise _kit_error(e) from None
     sums = {c: sum(t[c] for t in sink.totals) for c in (*_SCORES, "rows")}
     scored = int(sums["_scored"])
-    return {"rows": int(sums["rows"]), "scored_rows": scored, "out": out, "checkpoint": loaded.checkpoint, "source": source,
-            "num_actors": len({a for t in sink.totals for a in t["actors"]}),
+    return {"rows": int(sums["rows"]), "scored_rows": scored, "unseen_labels": int(sums["_unseen"]), "out": out,
+            "checkpoint": loaded.checkpoint, "source": source, "num_actors": len({a for t in sink.totals for a in t["actors"]}),
             "accuracy": sums["_correct"] / scored if scored and loaded.classes is not None else None,
             "loss": sums["_loss"] / scored if scored else None}
 

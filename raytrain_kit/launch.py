@@ -440,8 +440,9 @@ def open_run(cfg: Experiment, *, resume: bool, datasets_and_spec: Optional[tuple
     directory = run_dir(cfg)
     exists = path_exists(directory)
     if exists and not resume:
-        raise ConfigError(f"run.name: run {cfg.run.name!r} already exists at {directory}; pass --resume to continue "
-                          f"it, or --set run.name=<new name> to start another")
+        raise ConfigError(f"run.name: run {cfg.run.name!r} already exists at {directory}; pass --resume "
+                          "(Python: resume=True) to continue it, or --set run.name=<new name> (Python: an "
+                          "override {'run.name': ...}) to start another")
     if resume and not exists:
         raise ConfigError(f"--resume: no run {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
     if resume:

@@ -629,8 +629,9 @@ def decide_restore(cfg: Experiment, directory: str, *, resume: bool, log: Callab
     none."""
     exists = launch.path_exists(directory)
     if exists and not resume:
-        raise ConfigError(f"run.name: sweep {cfg.run.name!r} already exists at {directory}; pass --resume to continue "
-                          "it, or --set run.name=<new name> to start another")
+        raise ConfigError(f"run.name: sweep {cfg.run.name!r} already exists at {directory}; pass --resume "
+                          "(Python: resume=True) to continue it, or --set run.name=<new name> (Python: an "
+                          "override {'run.name': ...}) to start another")
     restore = resume and has_tune_state(directory)
     if resume and not restore:
         if not exists:

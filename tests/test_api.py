@@ -50,13 +50,14 @@ def _cpus_all_free(ray) -> bool:
 def test_readme_python_example_runs_twice_in_one_process_with_identical_results(ray_session, tmp_path):
     code = compile(_readme_example(), "README.md (Python API)", "exec")
     runs = []
-    for attempt in ("first", "second"):
-        namespace: dict = {}
-        with _repository_root_at(tmp_path / attempt):
+    with _repository_root_at(tmp_path / "root"):  # both in one directory, as a notebook's cell run again
+        for _ in ("first", "second"):
+            namespace: dict = {}
             exec(code, namespace)
-        assert _cpus_all_free(ray_session), ray_session.available_resources()
-        runs.append(namespace)
+            assert _cpus_all_free(ray_session), ray_session.available_resources()
+            runs.append(namespace)
     first, second = runs
+    assert first["runs"] != second["runs"]  # each in its own folder, so the second is no "run already exists"
 
     result, predictions, rows = first["result"], first["predictions"], first["rows"]
     assert result.status == "finished" and result.best_value >= 0.9 and len(result.metrics) == 10
