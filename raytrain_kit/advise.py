@@ -222,3 +222,42 @@ def plan_state_bytes(model: nn.Module, cfg, *, num_shards: int = 1) -> int:
         total += shard_numel(p.shape, num_shards) * p.element_size() * (2 + buffers)  # the weight, its gradient, the buffers
         total += 4 * step  # a float32 scalar step per parameter (fused and foreach kernels keep it as a tensor)
     return total
+
+
+def saved_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                           loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> int:
+    """Bytes autograd keeps from one forward pass for its backward pass (the activations a worker
+    holds at the peak of a step, beside its state): each saved tensor's own bytes, a tensor saved
+    twice (a layer's output is the next layer's input) once, the parameters not at all; then runs
+    the backward pass, which frees them. Under mixed precision, call it
+    under the run's autocast: the saved tensors are then in its dtype. Source: PyTorch's
+    `torch.autograd.graph.saved_tensors_hooks`."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[tuple, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.untyped_storage().data_ptr() not in parameters:
+            size = tensor.numel() * tensor.element_size()
+            saved[(tensor.data_ptr(), tuple(tensor.shape), tensor.dtype)] = size
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_fn(model(inputs), targets)
+    loss.backward()
+    return sum(saved.values())
+
+
+def plan_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, micro_batch: int) -> int:
+    """The activation bytes of a micro-batch of `micro_batch` rows, from two measured passes on
+    the first half of `inputs` and on all of it: saved bytes are a per-row part and a fixed part
+    (a loss's scalars), fitted through the two and scaled. `inputs`: at least 2 rows, with
+    `targets` to match. Raises ValueError with fewer."""
+    rows = len(inputs)
+    if rows < 2:
+        raise ValueError("measuring activations needs a batch of 2 rows or more")
+    half = rows // 2
+    small = saved_activation_bytes(model, inputs[:half], targets[:half], loss_fn)
+    full = saved_activation_bytes(model, inputs, targets, loss_fn)
+    per_row = (full - small) / (rows - half)
+    return round(small + per_row * (micro_batch - half))

@@ -146,3 +146,24 @@ def test_the_planned_state_is_what_a_worker_holds_after_a_step(optim):
     nn.functional.cross_entropy(model(x[:32].view(-1, 1, 8, 8)), y[:32]).backward()
     optimizer.step()
     assert plan_state_bytes(model, cfg) == state_bytes(model, optimizer) > 0
+
+
+def test_activation_bytes_are_what_autograd_keeps_counted_by_hand_and_scale_with_the_batch():
+    from raytrain_kit.advise import plan_activation_bytes, saved_activation_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    # Per row: the input (64 floats), the ReLU's output (128, which the second layer shares), the
+    # log-softmax (10) and the int64 target; once: the loss's total weight (one float). Weights
+    # are the state, not activations.
+    per_row, fixed = 4 * (64 + 128 + 10) + 8, 4
+    assert saved_activation_bytes(model, x[:32], y[:32], nn.functional.cross_entropy) == 32 * per_row + fixed
+    assert plan_activation_bytes(model, x, y, nn.functional.cross_entropy, micro_batch=1000) == 1000 * per_row + fixed
+    # A CNN: the plan from 16 and 32 rows is what 96 rows measure.
+    cnn = build_model(build_experiment({"data": {"source": "digits"}, "model": {"kind": "cnn"}}),
+                      DataSpec(num_features=64, num_classes=10, input_shape=(1, 8, 8), num_train_rows=1437, num_val_rows=360))
+    images, labels = _digits()
+    images = images.view(-1, 1, 8, 8)
+    planned = plan_activation_bytes(cnn, images[:32], labels[:32], nn.functional.cross_entropy, micro_batch=96)
+    assert planned == saved_activation_bytes(cnn, images[:96], labels[:96], nn.functional.cross_entropy) > 96 * 64 * 4
