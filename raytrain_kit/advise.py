@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -261,3 +261,39 @@ def plan_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch
     full = saved_activation_bytes(model, inputs, targets, loss_fn)
     per_row = (full - small) / (rows - half)
     return round(small + per_row * (micro_batch - half))
+
+
+MEMORY_MARGIN = 0.8  # a plan fits when it needs at most this share of a worker's memory
+
+
+@dataclass(frozen=True)
+class StrategyPlan:
+    """One strategy's bytes per worker at the configured micro-batch, and whether they fit."""
+
+    strategy: str
+    state_bytes: int  # parameters, gradients, optimizer state (the worker's shards)
+    gathered_bytes: int  # full weights gathered while a sharded block runs (0 for ddp)
+    activation_bytes: int
+    total_bytes: int
+    fits: bool
+    max_micro_batch: int  # the largest micro-batch that fits with the margin (0: none does)
+
+
+def plan_strategies(state_bytes: dict[str, int], gathered_bytes: dict[str, int], *, activation_per_row: float,
+                    activation_fixed: int, micro_batch: int, available_bytes: int,
+                    margin: float = MEMORY_MARGIN) -> tuple[list[StrategyPlan], Optional[str]]:
+    """Each strategy's `StrategyPlan` (in `state_bytes`' order) and the recommended one: the first
+    that fits, so order them cheapest in communication first (ddp, hsdp, fsdp); None when none
+    does (then `max_micro_batch` says how far to shrink the batch). `available_bytes`: the memory
+    of one worker (its share of the node's, or its GPU's)."""
+    budget = margin * available_bytes
+    plans = []
+    for strategy, state in state_bytes.items():
+        gathered = gathered_bytes.get(strategy, 0)
+        activations = round(activation_per_row * micro_batch + activation_fixed)
+        total = state + gathered + activations
+        room = budget - state - gathered - activation_fixed
+        most = int(room // activation_per_row) if room > 0 and activation_per_row > 0 else 0
+        plans.append(StrategyPlan(strategy, state, gathered, activations, total, total <= budget, max(most, 0)))
+    recommended = next((p.strategy for p in plans if p.fits), None)
+    return plans, recommended

@@ -167,3 +167,22 @@ def test_activation_bytes_are_what_autograd_keeps_counted_by_hand_and_scale_with
     images = images.view(-1, 1, 8, 8)
     planned = plan_activation_bytes(cnn, images[:32], labels[:32], nn.functional.cross_entropy, micro_batch=96)
     assert planned == saved_activation_bytes(cnn, images[:96], labels[:96], nn.functional.cross_entropy) > 96 * 64 * 4
+
+
+def test_the_strategy_plan_recommends_the_cheapest_that_fits_and_the_batch_that_would():
+    from raytrain_kit.advise import plan_strategies
+
+    gib = 2**30
+    state = {"ddp": 12 * gib, "hsdp": 6 * gib, "fsdp": 3 * gib}  # 4 workers, hsdp in groups of 2
+    gathered = {"hsdp": gib // 2, "fsdp": gib // 2}
+    plans, recommended = plan_strategies(state, gathered, activation_per_row=2**20, activation_fixed=0, micro_batch=1024,
+                                         available_bytes=16 * gib)
+    by_name = {p.strategy: p for p in plans}
+    assert recommended == "hsdp"  # ddp needs 13 GiB, over 80% of 16
+    assert by_name["ddp"].total_bytes == 13 * gib and not by_name["ddp"].fits
+    assert by_name["hsdp"].total_bytes == 6 * gib + gib // 2 + gib and by_name["hsdp"].fits
+    # ddp would fit with a micro-batch of (12.8 - 12) GiB / 1 MiB = 819 rows.
+    assert by_name["ddp"].max_micro_batch == int((0.8 * 16 * gib - 12 * gib) // 2**20) == 819
+    _, none = plan_strategies(state, gathered, activation_per_row=2**20, activation_fixed=0, micro_batch=1024,
+                              available_bytes=2 * gib)
+    assert none is None
