@@ -297,3 +297,49 @@ def plan_strategies(state_bytes: dict[str, int], gathered_bytes: dict[str, int],
         plans.append(StrategyPlan(strategy, state, gathered, activations, total, total <= budget, max(most, 0)))
     recommended = next((p.strategy for p in plans if p.fits), None)
     return plans, recommended
+
+
+ADVICE_PNG = "advice.png"
+
+
+def draw_advice(directory: str, *, lrs: Optional[Sequence[float]] = None, losses: Optional[Sequence[float]] = None,
+                suggestion: Optional[LrSuggestion] = None, diagnoses: Optional[Sequence[InitDiagnosis]] = None) -> str:
+    """advice.png in `directory` (local or a URI): the range test's loss against the learning
+    rate (log axis; the raw losses faint, the smoothed ones up to the divergence, the pick
+    marked) and each init scheme's gradient std per layer (log axis; flagged schemes dashed),
+    whichever of the two was measured. Returns the path written."""
+    from raytrain_kit.report import _pyplot, _save
+
+    panels = [p for p in ("lr", "init") if (p == "lr" and suggestion is not None) or (p == "init" and diagnoses)]
+    fig, axes = _pyplot().subplots(1, max(len(panels), 1), figsize=(6.4 * max(len(panels), 1), 4.4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "lr":
+            _draw_range_test(ax, np.asarray(lrs), np.asarray(losses), suggestion)
+        else:
+            _draw_propagation(ax, diagnoses)
+    fig.tight_layout()
+    return _save(fig, directory, ADVICE_PNG)
+
+
+def _draw_range_test(ax, lrs: np.ndarray, losses: np.ndarray, suggestion: LrSuggestion) -> None:
+    ax.plot(lrs, losses, color="0.75", linewidth=0.8, label="loss per step")
+    ax.plot(lrs[:suggestion.stop], suggestion.smoothed, color="C0", linewidth=2, label="smoothed")
+    ax.axvline(suggestion.lr, color="C3", linestyle="--", label=f"pick: lr {suggestion.lr:.3g}")
+    ax.set_xscale("log")
+    shown = np.concatenate([losses[:suggestion.stop], suggestion.smoothed])
+    ax.set_ylim(shown.min() * 0.9, max(suggestion.smoothed[0], shown.min()) * 1.6)  # the divergence's tail off the top
+    ax.set(xlabel="learning rate", ylabel="training loss", title="learning-rate range test")
+    ax.legend()
+
+
+def _draw_propagation(ax, diagnoses: Sequence[InitDiagnosis]) -> None:
+    for i, d in enumerate(diagnoses):
+        stds = [max(s.gradient_std, 1e-300) for s in d.stats]
+        ax.plot(range(1, len(stds) + 1), stds, color=f"C{i}", linestyle="-" if d.verdict == "healthy" else "--",
+                label=f"{d.scheme} ({d.verdict}, ratio {d.gradient_ratio:.2g})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="layer", ylabel="std of the loss gradient at the layer's output", title="signal propagation at init")
+    ax.legend(fontsize=8)

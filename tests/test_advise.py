@@ -186,3 +186,19 @@ def test_the_strategy_plan_recommends_the_cheapest_that_fits_and_the_batch_that_
     _, none = plan_strategies(state, gathered, activation_per_row=2**20, activation_fixed=0, micro_batch=1024,
                               available_bytes=2 * gib)
     assert none is None
+
+
+def test_advice_png_draws_the_range_test_and_the_propagation(tmp_path):
+    from PIL import Image
+
+    from raytrain_kit.advise import draw_advice
+
+    lrs, losses = _range_test_curve(300, noise=0.1)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    torch.manual_seed(0)
+    diagnoses, _ = diagnose_inits(lambda scheme: model, ["default"], torch.randn(32, 8), torch.randint(0, 3, (32,)),
+                                  nn.functional.cross_entropy)
+    path = draw_advice(str(tmp_path), lrs=lrs, losses=losses, suggestion=suggest_lr(lrs, losses), diagnoses=diagnoses)
+    image = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+    assert path == str(tmp_path / "advice.png") and image.shape[1] > 2 * image.shape[0] > 400  # two panels side by side
+    assert image.std() > 20  # decodes, and is not blank
