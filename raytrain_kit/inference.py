@@ -2,8 +2,10 @@
 
 `predict_run` reads the rows, runs `map_batches` over a pool of actors, each of which loads the
 run's model once (`api.load_model`: the summary's checkpoint, sharded ones reassembled), and
-writes the predictions with Ray Data's writers (a folder of Parquet or CSV files: one per block,
-written by the tasks, so nothing passes through the driver). Two sources of rows:
+streams the predictions into a Ray Data datasink (`_PredictionSink`: a folder of Parquet or CSV
+files, one per block, written by the tasks as the actors produce them, each returning its
+block's score totals, so no prediction passes through the driver). `check_inputs` makes its
+first checks without Ray. Two sources of rows:
 
 - `data` given: new raw rows read as training reads them (CSV, Parquet, an image folder or
   manifest; local or any pyarrow URI), turned into model inputs with the run's fitted
@@ -14,7 +16,9 @@ written by the tasks, so nothing passes through the driver). Two sources of rows
   split of it (`split`): its accuracy on `val` is the run's val_accuracy.
 
 A label column present is scored: accuracy and mean loss (cross-entropy, or squared error for
-regression), as `steps.evaluate` computes them. Exercised by `tests/test_predict.py`.
+regression), as `steps.evaluate` computes them; a label that is none of the run's classes is
+counted, not scored. Exercised by `tests/test_predict.py` and, for a sharded checkpoint,
+`tests/test_cli.py::test_fsdp_job_in_bf16_then_export`; timed by `benchmarks/predict_bench.py`.
 """
 
 from __future__ import annotations
