@@ -11,10 +11,10 @@ them as Ray work on the experiment's own workers and data, builds on them):
 - `propagation_stats`, `judge_propagation` and `diagnose_inits`: the signal-propagation
   diagnostic (X. Glorot and Y. Bengio, AISTATS 2010; K. He et al., "Delving Deep into
   Rectifiers", ICCV 2015, section 2.2): on one real batch at initialization, the standard
-  deviation of every weight layer's response and of the loss gradient with respect to it. Under
-  a scheme that does not preserve the variance the gradient shrinks (or grows) by a constant
-  factor per layer on its way back, so the first layer's gradient std over the last layer's
-  leaves [0.1, 10] in a deep network: the scheme is flagged vanishing (or exploding).
+  deviation of every weight layer's response and the size of the loss gradient with respect to
+  it (`LayerStats`). Under a scheme that does not preserve the variance the gradient shrinks (or
+  grows) by a constant factor per layer on its way back, so the first layer's gradient over the
+  last layer's leaves [0.1, 10] in a deep network: the scheme is flagged vanishing (or exploding).
 
 Exercised by `tests/test_advise.py`.
 """
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-HEALTHY_GRADIENT_RATIO = (0.1, 10.0)  # first layer's gradient std over the last layer's
+HEALTHY_GRADIENT_RATIO = (0.1, 10.0)  # the first layer's gradient over the last layer's
 SMOOTHING = 0.98  # the range test's exponential moving average of the loss (fastai's lr_find)
 DIVERGENCE_FACTOR = 4.0  # the range test stops where the smoothed loss passes 4x its minimum so far
 MIN_POINTS = 8  # a range test needs this many steps before it diverges to pick from
@@ -107,11 +107,16 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], *, beta: float = S
 @dataclass(frozen=True)
 class LayerStats:
     """One weight layer on one batch: the std of its response (its output, before the
-    nonlinearity that follows) and of the loss gradient with respect to that response."""
+    nonlinearity that follows), and the size of the loss gradient with respect to that response:
+    the root mean square over the batch's rows of each row's gradient norm. A norm per row, not
+    the std per element: layers of different sizes compare (a 10-way head after 64-wide layers,
+    a max-pool that routes each gradient to one of four positions, which divides the std per
+    element by 2 and leaves the norm as it is); for layers of equal width the two ratios agree,
+    as in He et al.'s analysis."""
 
     name: str
     activation_std: float
-    gradient_std: float
+    gradient_rms: float
 
 
 _WEIGHT_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -137,13 +142,20 @@ def propagation_stats(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
     finally:
         for handle in handles:
             handle.remove()
-    return [LayerStats(name, float(out.detach().float().std()), float(out.grad.float().std()) if out.grad is not None else 0.0)
-            for name, out in responses]
+    return [LayerStats(name, float(out.detach().float().std()), _row_gradient_rms(out.grad)) for name, out in responses]
+
+
+def _row_gradient_rms(grad: Optional[torch.Tensor]) -> float:
+    if grad is None:
+        return 0.0
+    rows = grad.float().reshape(len(grad), -1)
+    return float(rows.pow(2).sum(dim=1).mean().sqrt())
 
 
 def gradient_ratio(stats: Sequence[LayerStats]) -> float:
-    """The first layer's gradient std over the last layer's (1 for a network of one layer)."""
-    first, last = stats[0].gradient_std, stats[-1].gradient_std
+    """The first layer's gradient (`LayerStats.gradient_rms`) over the last layer's (1 for a
+    network of one layer)."""
+    first, last = stats[0].gradient_rms, stats[-1].gradient_rms
     return first / last if last > 0 else (math.inf if first > 0 else 0.0)
 
 
@@ -334,12 +346,12 @@ def _draw_range_test(ax, lrs: np.ndarray, losses: np.ndarray, suggestion: LrSugg
 
 def _draw_propagation(ax, diagnoses: Sequence[InitDiagnosis]) -> None:
     for i, d in enumerate(diagnoses):
-        stds = [max(s.gradient_std, 1e-300) for s in d.stats]
+        stds = [max(s.gradient_rms, 1e-300) for s in d.stats]
         ax.plot(range(1, len(stds) + 1), stds, color=f"C{i}", linestyle="-" if d.verdict == "healthy" else "--",
                 label=f"{d.scheme} ({d.verdict}, ratio {d.gradient_ratio:.2g})")
     from matplotlib.ticker import MaxNLocator
 
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(xlabel="layer", ylabel="std of the loss gradient at the layer's output", title="signal propagation at init")
+    ax.set(xlabel="layer", ylabel="loss gradient at the layer's output (rms row norm)", title="signal propagation at init")
     ax.legend(fontsize=8)

@@ -125,7 +125,7 @@ def test_a_shallow_network_is_healthy_under_any_scaled_scheme():
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
     torch.manual_seed(0)
     stats = propagation_stats(model, torch.randn(64, 8), torch.randint(0, 3, (64,)), nn.functional.cross_entropy)
-    assert [s.name for s in stats] == ["0", "2"] and all(s.gradient_std > 0 for s in stats)
+    assert [s.name for s in stats] == ["0", "2"] and all(s.gradient_rms > 0 for s in stats)
     assert judge_propagation(stats) == "healthy"
 
 
@@ -202,3 +202,32 @@ def test_advice_png_draws_the_range_test_and_the_propagation(tmp_path):
     image = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
     assert path == str(tmp_path / "advice.png") and image.shape[1] > 2 * image.shape[0] > 400  # two panels side by side
     assert image.std() > 20  # decodes, and is not blank
+
+
+def test_advise_on_the_main_job_prints_its_verdicts_and_writes_a_patch_train_accepts(ray_session, tmp_path, capsys):
+    from pathlib import Path
+
+    import yaml
+    from PIL import Image
+
+    from raytrain_kit.advisor import SCHEMES
+    from raytrain_kit.cli import main
+    from raytrain_kit.config import load_experiment
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "digits.yaml"
+    out = tmp_path / "advice"
+    assert main(["advise", str(job), "--set", f"run.storage_path={tmp_path / 'runs'}", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    patch = yaml.safe_load((out / "advice.yaml").read_text())
+    assert set(patch) == {"init.scheme", "scaling.strategy"} and patch["init.scheme"] in SCHEMES
+    assert patch["scaling.strategy"] == "ddp"  # the digits CNN fits any worker whole: the least communication
+    assert f"wrote {out}/advice.yaml: --set init.scheme={patch['init.scheme']} --set scaling.strategy=ddp" in printed
+    assert all(scheme in printed for scheme in SCHEMES) and "recommended: ddp" in printed
+    assert np.asarray(Image.open(out / "advice.png").convert("L"), dtype=np.float64).std() > 20
+    cfg = load_experiment(job, [f"{key}={value}" for key, value in patch.items()])  # --set takes it unchanged
+    assert (cfg.init.scheme, cfg.scaling.strategy) == (patch["init.scheme"], "ddp")
+    assert not (tmp_path / "runs").exists()  # no run was started
+
+    assert main(["advise", str(job), "--set", "model.kind=transformer"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: model.kind:"), err
