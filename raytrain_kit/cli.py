@@ -59,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p = sub.add_parser("advise", help="measure before training, on real rows where the workers would run: which init "
+                                      "scheme keeps the gradients alive, which strategy and micro-batch fit each "
+                                      "worker's memory; writes advice.yaml (--set keys) and advice.png")
+    _add_config_args(p)
+    p.add_argument("--only", choices=["init", "memory"], action="append", default=None,
+                   help="one part (repeatable; default: both)")
+    p.add_argument("--out", default=None, help="folder for advice.yaml and advice.png "
+                                               "(default: <run.storage_path>/<run.name>_advice)")
+    p.add_argument("--json", action="store_true", help="print the measurements as JSON")
+    p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
     p = sub.add_parser("submit", help="validate locally, then run `train` on a cluster as a Ray job and follow it")
     _add_config_args(p)
     p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
@@ -256,6 +266,20 @@ def _check(args) -> int:
     return 0
 
 
+def _advise(args) -> int:
+    from raytrain_kit.cluster import connect, disconnect
+
+    cfg = _load(args)
+    started_ray = connect(args.address)
+    from raytrain_kit.advisor import PARTS, advice_json, format_advice, run_advise
+
+    result = run_advise(cfg, parts=args.only or PARTS, out_dir=args.out)
+    print(advice_json(result) if args.json else format_advice(result))
+    if started_ray:
+        disconnect()
+    return 0
+
+
 @contextlib.contextmanager
 def _quiet_thread_errors(args) -> Iterator[None]:
     """A background thread's exception (TensorBoard's writer on a full disk, say) as one warning
@@ -312,6 +336,8 @@ def _run(args) -> int:
             return 0
         if args.command == "check":
             return _check(args)
+        if args.command == "advise":
+            return _advise(args)
         if args.command == "predict":
             return _predict(args)
         if args.command == "tune":
