@@ -259,12 +259,11 @@ def saved_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torc
     return sum(saved.values())
 
 
-def plan_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, micro_batch: int) -> int:
-    """The activation bytes of a micro-batch of `micro_batch` rows, from two measured passes on
-    the first half of `inputs` and on all of it: saved bytes are a per-row part and a fixed part
-    (a loss's scalars), fitted through the two and scaled. `inputs`: at least 2 rows, with
-    `targets` to match. Raises ValueError with fewer."""
+def fit_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[float, int]:
+    """(bytes per row, fixed bytes) of the activations, from two measured passes on the first
+    half of `inputs` and on all of it: saved bytes are a per-row part and a fixed part (a loss's
+    scalars). `inputs`: at least 2 rows, with `targets` to match. Raises ValueError with fewer."""
     rows = len(inputs)
     if rows < 2:
         raise ValueError("measuring activations needs a batch of 2 rows or more")
@@ -272,7 +271,14 @@ def plan_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch
     small = saved_activation_bytes(model, inputs[:half], targets[:half], loss_fn)
     full = saved_activation_bytes(model, inputs, targets, loss_fn)
     per_row = (full - small) / (rows - half)
-    return round(small + per_row * (micro_batch - half))
+    return per_row, max(round(small - per_row * half), 0)
+
+
+def plan_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                          loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, micro_batch: int) -> int:
+    """The activation bytes of a micro-batch of `micro_batch` rows (`fit_activation_bytes`, scaled)."""
+    per_row, fixed = fit_activation_bytes(model, inputs, targets, loss_fn)
+    return round(per_row * micro_batch + fixed)
 
 
 MEMORY_MARGIN = 0.8  # a plan fits when it needs at most this share of a worker's memory

@@ -18,8 +18,8 @@ import numpy as np
 import ray
 import torch
 
-from raytrain_kit.advise import (ADVICE_PNG, diagnose_inits, draw_advice, plan_state_bytes, plan_strategies,
-                                 saved_activation_bytes)
+from raytrain_kit.advise import (ADVICE_PNG, diagnose_inits, draw_advice, fit_activation_bytes, plan_state_bytes,
+                                 plan_strategies)
 from raytrain_kit.config import Experiment, build_experiment, with_overrides
 from raytrain_kit.data import DataSpec, spec_from_dict, spec_to_dict
 from raytrain_kit.models import build_model
@@ -65,12 +65,8 @@ def _memory_part(cfg: Experiment, spec: DataSpec, inputs, targets, loss_fn, avai
     shards = {"ddp": 1, "hsdp": min(cfg.scaling.shard_group_size or n, n), "fsdp": n}
     state = {s: plan_state_bytes(model, cfg, num_shards=shards[s]) for s in STRATEGY_ORDER}
     gathered = {s: 0 if s == "ddp" else gathered_bytes(model, cfg) for s in STRATEGY_ORDER}
-    half = len(inputs) // 2
-    small = saved_activation_bytes(model, inputs[:half], targets[:half], loss_fn)
-    full = saved_activation_bytes(model, inputs, targets, loss_fn)
-    per_row = (full - small) / (len(inputs) - half)
-    plans, recommended = plan_strategies(state, gathered, activation_per_row=per_row,
-                                         activation_fixed=max(round(small - per_row * half), 0),
+    per_row, fixed = fit_activation_bytes(model, inputs, targets, loss_fn)
+    plans, recommended = plan_strategies(state, gathered, activation_per_row=per_row, activation_fixed=fixed,
                                          micro_batch=cfg.train.batch_size, available_bytes=available_bytes)
     return {"recommended": recommended, "available_bytes": available_bytes, "micro_batch": cfg.train.batch_size,
             "num_workers": n, "activation_bytes_per_row": per_row, "plans": [p.__dict__ for p in plans]}
