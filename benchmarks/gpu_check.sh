@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check for the parallel strategies and precisions: trains a shrunk jobs/fsdp_mlp.yaml on the
 # machine's GPUs under ddp and fsdp, each in fp32, bf16 and fp16, and prints one line per run
-# (final validation accuracy, samples/s, per-worker state and peak GPU memory), then a BatchNorm
-# model with model.sync_batchnorm under ddp. Skips, with a
+# (final validation accuracy, samples/s, per-worker state and peak GPU memory), then `predict --gpu`
+# on the fsdp run's checkpoint, then a BatchNorm model with model.sync_batchnorm under ddp. Skips, with a
 # message and exit code 0, on a machine without GPUs. Run from the repository root:
 #
 #     bash benchmarks/gpu_check.sh [NUM_WORKERS]     # default: every GPU, at most 2
@@ -42,6 +42,27 @@ print(f"gpu_check: {sys.argv[2]:<10} {s['status']}  val_accuracy {m['val_accurac
 PY
     done
 done
+
+# `predict --gpu` on the fsdp fp32 run's validation rows (sharded checkpoint, one GPU per actor):
+# its accuracy must be the run's val_accuracy, as on CPUs.
+if [ -f "$storage/fsdp_fp32/summary.json" ]; then
+    if "$PYTHON" -m raytrain_kit predict "$storage/fsdp_fp32" --split val --gpu --num-workers "$workers" \
+            --out "$storage/predicted" > "$storage/predict.log" 2>&1; then
+        "$PYTHON" - "$storage/fsdp_fp32/summary.json" "$storage/predict.log" <<'PY' || failed=1
+import json, re, sys
+s = json.load(open(sys.argv[1]))
+epoch = int(s["checkpoint"].rsplit("_", 1)[1])
+expected = s["history"][epoch - 1]["val_accuracy"]
+printed = open(sys.argv[2]).read()
+got = float(re.search(r"accuracy ([0-9.]+)", printed).group(1))
+ok = f"{got:.4f}" == f"{expected:.4f}"
+print(f"gpu_check: predict_gpu {'ok' if ok else 'FAILED'}  accuracy {got:.4f} (the run's val_accuracy {expected:.4f})")
+sys.exit(0 if ok else 1)
+PY
+    else
+        echo "gpu_check: predict_gpu FAILED:"; tail -20 "$storage/predict.log"; failed=1
+    fi
+fi
 
 # SyncBatchNorm (model.sync_batchnorm) exists on GPUs only: a BatchNorm model under ddp.
 name=ddp_sync_batchnorm

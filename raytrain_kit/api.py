@@ -151,17 +151,19 @@ class PredictionResult:
 
 
 def predict(run_dir: str, data: Optional[str] = None, out: Optional[str] = None, *, split: str = "val",
-            epoch: Optional[int] = None, batch_size: int = 1024, num_workers: int = 2, log: Log = None) -> PredictionResult:
+            epoch: Optional[int] = None, batch_size: int = 1024, num_workers: int = 2, use_gpu: bool = False,
+            log: Log = None) -> PredictionResult:
     """`raytrain-kit predict`: the run's model over `data` (a file, folder or URI; None: the run's
-    own `split`) as Ray Data batch inference on `num_workers` actors, written to the folder `out`
-    (`inference.predict_run`); `log` receives the line `predict` prints before it starts. For a
-    DataFrame in memory, use `load_model(run_dir).predict(frame)`. Raises ConfigError or DataError."""
+    own `split`) as Ray Data batch inference on `num_workers` actors (one GPU each when `use_gpu`),
+    written to the folder `out` (`inference.predict_run`); `log` receives the line `predict` prints
+    before it starts. For a DataFrame in memory, use `load_model(run_dir).predict(frame)`. Raises
+    ConfigError or DataError."""
     from raytrain_kit.inference import predict_run
 
     if not out:
         raise ConfigError("out: give the folder to write the predictions to")
     result = predict_run(run_dir, data, out, split=split, epoch=epoch, batch_size=batch_size, num_workers=num_workers,
-                         log=log or (lambda line: None))
+                         use_gpu=use_gpu, log=log or (lambda line: None))
     return PredictionResult(**result)
 
 
@@ -209,8 +211,9 @@ class LoadedModel:
         import torch
 
         x = torch.as_tensor(np.asarray(x, dtype=np.float32)).view(-1, *self.spec.input_shape)
+        device = next(self.model.parameters()).device  # the CPU, or a predict actor's GPU
         with torch.no_grad():
-            outputs = torch.cat([self.model(x[i:i + batch_rows]) for i in range(0, len(x), batch_rows)]) \
+            outputs = torch.cat([self.model(x[i:i + batch_rows].to(device)).cpu() for i in range(0, len(x), batch_rows)]) \
                 if len(x) else torch.zeros((0, self.spec.num_outputs))
         classes = self.classes
         if classes is None:

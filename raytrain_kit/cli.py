@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch", type=int, default=None, help="that epoch's checkpoint (default: the summary's best, else the latest)")
     p.add_argument("--batch-size", type=int, default=1024, help="rows per forward pass (default 1024)")
     p.add_argument("--num-workers", type=int, default=2, help="actors, each loading the model once (default 2)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per actor (the forward passes run there)")
     p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
     _add_verbosity(p)
     sub.add_parser("reference", help="print the config reference (Markdown) generated from the config models")
@@ -195,7 +196,7 @@ def _predict(args) -> int:
 
     with contextlib.nullcontext() if verbose else ray_notices_hidden():  # Ray's actor pools log a notice as an error
         result = predict(args.directory, args.data, args.out, split=args.split, epoch=args.epoch,
-                         batch_size=args.batch_size, num_workers=args.num_workers,
+                         batch_size=args.batch_size, num_workers=args.num_workers, use_gpu=args.gpu,
                          log=print if _verbosity(args) > QUIET else lambda line: None)
     scores = []
     if result.accuracy is not None:

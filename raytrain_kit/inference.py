@@ -47,11 +47,13 @@ HEAD_ROWS = 20  # rows checked in the driver before any actor starts
 class _Predictor:
     """One actor of the pool: the model loaded once, then batch after batch of rows."""
 
-    def __init__(self, run_dir: str, epoch: Optional[int], encoded: bool, batch_size: int):
+    def __init__(self, run_dir: str, epoch: Optional[int], encoded: bool, batch_size: int, use_gpu: bool = False):
         import torch
 
         torch.set_num_threads(1)  # one CPU per actor: the pool, not each actor, spreads the work
         self.loaded, self.encoded, self.batch_size = load_model(run_dir, epoch=epoch), encoded, batch_size
+        if use_gpu:  # Ray gave this actor one GPU (CUDA_VISIBLE_DEVICES): the forward passes run there
+            self.loaded.model.to("cuda")
 
     def __call__(self, batch) -> pd.DataFrame:
         loaded, cfg = self.loaded, self.loaded.experiment
@@ -164,9 +166,10 @@ def check_inputs(run_dir: str, data: Optional[str], *, epoch: Optional[int] = No
 
 
 def predict_run(run_dir: str, data: Optional[str], out: str, *, split: str = "val", epoch: Optional[int] = None,
-                batch_size: int = 1024, num_workers: int = 2, log: Callable[[str], None] = lambda line: None) -> dict:
+                batch_size: int = 1024, num_workers: int = 2, use_gpu: bool = False,
+                log: Callable[[str], None] = lambda line: None) -> dict:
     """Predict `data`'s rows (or the run's own `split`) with the run's model on `num_workers`
-    actors and write them to `out` (a folder of Parquet files; CSV when `out` ends in .csv).
+    actors (each with a GPU when `use_gpu`) and write them to `out` (a folder of Parquet files; CSV when `out` ends in .csv).
     Returns {"rows", "accuracy", "loss", "scored_rows", "unseen_labels" (rows whose label is none of
     the run's classes: not scored), "num_actors" (that predicted rows), "out", "checkpoint", "source"}.
     Raises ConfigError (no run, checkpoint or record) and DataError (rows the model cannot read)."""
@@ -192,10 +195,10 @@ def predict_run(run_dir: str, data: Optional[str], out: str, *, split: str = "va
     rows.context.wait_for_min_actors_s = ACTORS_START_TIMEOUT_S
     encoded = head is None
     predicted = rows.map_batches(_Predictor, fn_constructor_kwargs={"run_dir": run_dir, "epoch": epoch, "encoded": encoded,
-                                                                    "batch_size": batch_size},
+                                                                    "batch_size": batch_size, "use_gpu": use_gpu},
                                  batch_size=_rows_per_call(loaded, batch_size, rows_per_block=-(-rows.count() // num_blocks)),
                                  batch_format="numpy" if encoded else "pandas",
-                                 concurrency=(num_workers, num_workers), num_cpus=1)
+                                 concurrency=(num_workers, num_workers), num_cpus=1, num_gpus=1 if use_gpu else 0)
     sink = _PredictionSink(out)
     try:  # one streaming pass: the actors' predictions go to the writers as they come
         predicted.write_datasink(sink, ray_remote_args={"num_cpus": 0})  # writers beside the actors, never after them
