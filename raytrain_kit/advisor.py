@@ -1,33 +1,48 @@
-"""`raytrain-kit advise`: `advise.py`'s measurements as one Ray task where the experiment's
-workers would run, on real training rows, before any run; then the table, advice.yaml (the
-recommended values as `--set` keys) and advice.png.
+"""`raytrain-kit advise`: `advise.py`'s measurements as Ray work where the experiment's workers
+would run, on real training rows, before any run; then the table, advice.yaml (the recommended
+values as `--set` keys) and advice.png.
 
-Parts (`--only`): `init`, the signal-propagation diagnostic of every init scheme the kit offers on
-the experiment's model; `memory`, the per-worker plan of ddp, hsdp and fsdp at the configured
-worker count and micro-batch against each worker's share of its node's memory. (The learning-rate
-range test, issue #21's third part, is not built yet.) Exercised by `tests/test_advise.py`.
+Parts (`--only`):
+- `lr`: the learning-rate range test (`range_test.py`) on the experiment's own workers, strategy,
+  precision and global batch: a `TorchTrainer` of `scaling.num_workers` workers whose every step
+  is a training step of the run's, the loss averaged over every worker's rows;
+- `init`: the signal-propagation diagnostic of every init scheme the kit offers on the
+  experiment's model;
+- `memory`: the per-worker plan of ddp, hsdp and fsdp at the configured worker count and
+  micro-batch against each worker's share of its node's memory.
+`init` and `memory` run on 64 training rows: in the range test's rank 0 when `lr` is asked
+for (one start-up for all three), else as one Ray task. Exercised by `tests/test_advise.py`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import threading
+import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import ray
 import torch
 
-from raytrain_kit.advise import (ADVICE_PNG, diagnose_inits, draw_advice, fit_activation_bytes, plan_state_bytes,
-                                 plan_strategies)
+from raytrain_kit.advise import (ADVICE_PNG, LrSuggestion, diagnose_inits, draw_advice, fit_activation_bytes,
+                                 plan_state_bytes, plan_strategies, range_test_lrs, smoothing_for, suggest_lr)
 from raytrain_kit.config import Experiment, build_experiment, with_overrides
-from raytrain_kit.data import DataSpec, spec_from_dict, spec_to_dict
+from raytrain_kit.data import DataSpec, read_block_ranges, spec_from_dict, spec_to_dict, split_for_workers
+from raytrain_kit.errors import ConfigError, RunError, traceback_text
 from raytrain_kit.models import build_model
 from raytrain_kit.parallel import find_blocks
 from raytrain_kit.steps import build_loss_fn
 
-PARTS = ("init", "memory")
+PARTS = ("lr", "init", "memory")
+LR_RANGE = (1e-6, 10.0)  # the range test's first and last rates: 7 decades, from too small for any optimizer to diverging
+LR_STEPS = 200  # its steps: on jobs/digits.yaml 100 gave picks 3x apart between seeds, 200 within 1.3x
 ADVICE_YAML = "advice.yaml"
+STAGE_NAMES = {"ray": "Ray", "data": "data", "workers": "Train workers", "ready": "model, shards, init and memory",
+               "measured": "range test", "written": "files"}
 BATCH_ROWS = 64  # training rows measured: the diagnostic's batch; activations fitted from 32 and 64
 SCHEMES = ("kaiming_normal", "kaiming_uniform", "xavier_uniform", "xavier_normal", "orthogonal", "normal",
            "truncated_normal", "default")  # every scheme but zeros, best-known first (ties keep this order)
@@ -72,9 +87,9 @@ def _memory_part(cfg: Experiment, spec: DataSpec, inputs, targets, loss_fn, avai
             "num_workers": n, "activation_bytes_per_row": per_row, "plans": [p.__dict__ for p in plans]}
 
 
-@ray.remote(num_cpus=1, max_retries=0)
-def advise_task(experiment: dict, spec: dict, x: np.ndarray, y: np.ndarray, parts: list[str], available_bytes: int) -> dict:
-    """The measurements on `x`, `y` (encoded training rows) where Ray places the task."""
+def measure(experiment: dict, spec: dict, x: np.ndarray, y: np.ndarray, parts: Sequence[str],
+            available_bytes: int) -> dict:
+    """The init and memory parts on `x`, `y` (encoded training rows), where this runs."""
     cfg, spec = build_experiment(experiment), spec_from_dict(spec)
     inputs = torch.tensor(x, dtype=torch.float32).view(-1, *spec.input_shape)
     targets = torch.tensor(y)
@@ -87,6 +102,115 @@ def advise_task(experiment: dict, spec: dict, x: np.ndarray, y: np.ndarray, part
     return out
 
 
+@ray.remote(num_cpus=1, max_retries=0)
+def advise_task(experiment: dict, spec: dict, x: np.ndarray, y: np.ndarray, parts: list[str], available_bytes: int) -> dict:
+    """`measure` where Ray places the task (without the range test: no workers to start)."""
+    return measure(experiment, spec, x, y, parts, available_bytes)
+
+
+def range_test_per_worker(config: dict) -> Optional[dict]:
+    """Runs in every Train worker: on rank 0 first the other parts asked for, then on every rank
+    the range test on this worker's piece of the training rows. Rank 0 returns
+    {"lr": {"lrs", "losses", "seconds"}, and the other parts}; a failing worker leaves its
+    account in `config["out_dir"]/logs` (`worker.write_failure`)."""
+    import ray.train
+    import ray.train.torch
+
+    from raytrain_kit.loop import InMemoryData, StreamedData, build_train_state
+    from raytrain_kit.range_test import range_test
+    from raytrain_kit.worker import write_failure
+
+    entered = time.time()
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    try:
+        cfg, spec = build_experiment(config["experiment"]), spec_from_dict(config["spec"])
+        piece = read_block_ranges(config["shards"][rank]) if cfg.data.in_memory else None
+        x, y = (config["x"], config["y"]) if config["x"] is not None else (piece["x"][:BATCH_ROWS], piece["y"][:BATCH_ROWS])
+        out = measure(config["experiment"], config["spec"], x, y, config["parts"],
+                      config["available_bytes"]) if rank == 0 and config["parts"] else {}
+        out["worker_started"] = entered
+        device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+        state = build_train_state(cfg, spec, rank=rank, world_size=world_size, device=device)
+        if cfg.data.in_memory:
+            data = InMemoryData.from_arrays(state, piece, None)
+        else:
+            data = StreamedData(ray.train.get_dataset_shard("train"), None, state)
+        out["worker_ready"] = time.time()
+        lrs = range_test_lrs(*config["lr_range"], config["lr_steps"])
+        started = time.perf_counter()
+        losses = range_test(state, data, lrs)
+        out["lr"] = {"lrs": lrs[:len(losses)].tolist(), "losses": losses, "seconds": time.perf_counter() - started}
+    except Exception as e:
+        write_failure(config["out_dir"], e, rank=rank, epoch=None, step=None)
+        raise
+    return out if rank == 0 else None
+
+
+def _fit_range_test(cfg: Experiment, datasets: dict, spec: DataSpec, config: dict, out_dir: str) -> dict:
+    """The range test's `TorchTrainer` (a run named `range_test` under `out_dir`, removed after),
+    and rank 0's result. Raises RunError with the failing worker's own error."""
+    from ray.train import DataConfig, LoggingConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from raytrain_kit.launch import _worker_error, scaling_config
+    from raytrain_kit.storage import filesystem
+
+    in_memory = cfg.data.in_memory
+    if in_memory:
+        config["shards"] = split_for_workers({"train": datasets["train"]}, num_workers=cfg.scaling.num_workers)["train"]
+    trainer = TorchTrainer(
+        range_test_per_worker, train_loop_config=config, scaling_config=scaling_config(cfg),
+        run_config=RunConfig(name="range_test", storage_path=out_dir, logging_config=LoggingConfig(log_level="WARNING")),
+        datasets=None if in_memory else {"train": datasets["train"]},
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ray.data.ExecutionOptions(preserve_order=True)))
+    # Train installs a Ctrl-C handler that holds its controller; the process's own comes back after.
+    main_thread = threading.current_thread() is threading.main_thread()
+    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
+    started = time.time()
+    # The driver waits ~20 s for the workers: import the pictures' library meanwhile (~1 s).
+    threading.Thread(target=_import_pyplot, daemon=True).start()
+    try:
+        return trainer.fit().return_value
+    except Exception as e:  # TrainingFailedError and friends: the worker's own error first
+        raise RunError(*_worker_error(e, out_dir, since=started), traceback=traceback_text(e)) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, sigint)
+        fs, path = filesystem(f"{out_dir}/range_test")
+        try:
+            fs.delete_dir(path)  # Ray Train's records of a run that keeps nothing
+        except OSError:
+            pass
+
+
+def check_lr_range(lr_range: Sequence[float], lr_steps: int) -> None:
+    """Refuse a range test that cannot run (before Ray starts). Raises ConfigError."""
+    try:
+        range_test_lrs(*lr_range, lr_steps)
+    except ValueError as e:
+        raise ConfigError(f"--lr-range/--lr-steps: {e}") from None
+
+
+def _import_pyplot() -> None:
+    from raytrain_kit.report import _pyplot
+
+    _pyplot()
+
+
+def lr_result(measured: dict, *, lr_steps: int, num_workers: int, global_batch: int) -> dict:
+    """The range test's verdict (`advise.suggest_lr`) beside its curve. Raises ConfigError when
+    the loss diverged before the test had enough steps to pick from."""
+    try:
+        s: LrSuggestion = suggest_lr(measured["lrs"], measured["losses"], beta=smoothing_for(lr_steps))
+    except ValueError as e:
+        raise ConfigError(f"--lr-range: {e} (--lr-range MIN MAX)") from None
+    lrs = measured["lrs"]
+    return {**measured, "suggested": float(f"{s.lr:.2g}"), "index": s.index, "stop": s.stop,
+            "diverged_at": lrs[s.stop] if s.stop < len(lrs) else None, "smoothed": s.smoothed.tolist(),
+            "num_steps": lr_steps, "num_workers": num_workers, "global_batch": global_batch}
+
+
 def worker_memory_bytes(cfg: Experiment) -> int:
     """Each worker's share of the smallest node's memory (Ray's `memory` resource: what tasks may
     use), the workers spread evenly over the alive nodes."""
@@ -97,9 +221,11 @@ def worker_memory_bytes(cfg: Experiment) -> int:
 
 
 def advice_patch(result: dict, cfg: Experiment) -> dict:
-    """The recommended values as `--set` keys: the init scheme; the strategy (and, when none fits,
-    the current strategy's largest micro-batch that does)."""
+    """The recommended values as `--set` keys: the learning rate; the init scheme; the strategy
+    (and, when none fits, the current strategy's largest micro-batch that does)."""
     patch = {}
+    if "lr" in result:
+        patch["optim.lr"] = result["lr"]["suggested"]
     if "init" in result:
         patch["init.scheme"] = result["init"]["recommended"]
     if "memory" in result:
@@ -113,40 +239,92 @@ def advice_patch(result: dict, cfg: Experiment) -> dict:
 
 
 def run_advise(cfg: Experiment, *, parts: Sequence[str] = PARTS, out_dir: Optional[str] = None,
+               lr_range: tuple[float, float] = LR_RANGE, lr_steps: int = LR_STEPS, started: Optional[float] = None,
                log: Callable[[str], None] = lambda line: None) -> dict:
     """Measure, write advice.yaml and advice.png into `out_dir` (default: `<run.storage_path>/
-    <run.name>_advice`), and return {"init", "memory", "patch", "out_dir"}. Raises ConfigError
-    (a model that does not build) and DataError (data that does not read)."""
+    <run.name>_advice`), and return {"lr", "init", "memory" (those asked for), "patch",
+    "out_dir", "seconds" (since `started`, default now), "stages"}. Raises ConfigError (a model that does not build, resources the
+    cluster lacks, a range test that diverged at once), DataError (data that does not read) and
+    RunError (a worker of the range test failed)."""
     import yaml
 
-    from raytrain_kit.advise import InitDiagnosis, LayerStats
     from raytrain_kit.cluster import connect
     from raytrain_kit.data import build_datasets
-    from raytrain_kit.launch import check_model_builds, storage_root
+    from raytrain_kit.launch import check_model_builds, check_resources, check_streaming_resources, storage_root
     from raytrain_kit.storage import write_run_file
 
+    started = started or time.time()
+    if "lr" in parts:
+        check_lr_range(lr_range, lr_steps)
     if not ray.is_initialized():
         connect()
+    times = {"ray": time.time()}
     datasets, spec = build_datasets(cfg)
     check_model_builds(cfg, spec)
-    batch = datasets["train"].take_batch(BATCH_ROWS, batch_format="numpy")
-    log(f"advise:        {', '.join(parts)} on {len(batch['y'])} training rows")
-    result = ray.get(advise_task.remote(cfg.model_dump(mode="json"), spec_to_dict(spec), batch["x"], batch["y"],
-                                        list(parts), worker_memory_bytes(cfg)))
     out_dir = out_dir or f"{storage_root(cfg).rstrip('/')}/{cfg.run.name}_advice"
+    out_dir = out_dir if "://" in out_dir else os.path.abspath(out_dir)  # Ray Train's storage must be absolute
+    others = [p for p in parts if p != "lr"]
+    # The range test's rank 0 measures the others on the first rows of its own piece; otherwise
+    # the driver takes them (a Ray Data pass).
+    batch = ({"x": None, "y": None} if "lr" in parts and cfg.data.in_memory or not others
+             else datasets["train"].take_batch(BATCH_ROWS, batch_format="numpy"))
+    times["data"] = time.time()
+    log(f"advise:        {', '.join(parts)} on {cfg.scaling.num_workers} worker(s)")
+    measured = dict(experiment=cfg.model_dump(mode="json"), spec=spec_to_dict(spec), x=batch["x"], y=batch["y"],
+                    parts=others, available_bytes=worker_memory_bytes(cfg) if "memory" in parts else 0)
+    if "lr" in parts:
+        check_resources(cfg)
+        check_streaming_resources(cfg, datasets)
+        result = _fit_range_test(cfg, datasets, spec, {**measured, "lr_range": list(lr_range), "lr_steps": lr_steps,
+                                                       "out_dir": out_dir}, out_dir)
+        result["lr"] = lr_result(result["lr"], lr_steps=lr_steps, num_workers=cfg.scaling.num_workers,
+                                 global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.scaling.num_workers)
+        times["workers"], times["ready"] = result.pop("worker_started"), result.pop("worker_ready")
+    else:
+        result = ray.get(advise_task.remote(**measured))
+    times["measured"] = time.time()
     result["patch"], result["out_dir"] = advice_patch(result, cfg), out_dir
     write_run_file(out_dir, ADVICE_YAML, yaml.safe_dump(result["patch"], sort_keys=False))
+    if "lr" in result or "init" in result:
+        _draw(result, out_dir)
+    times["written"] = time.time()
+    result["seconds"], result["stages"] = times["written"] - started, _stages(started, times)
+    return result
+
+
+def _stages(started: float, times: dict) -> dict[str, float]:
+    """Seconds of each stage, from `started`: Ray, data, the workers' start, their model and rows
+    (and the init and memory parts on rank 0), the range test until its result is back, the files.
+    Without the range test: Ray, data, the measurements' task, the files."""
+    out, last = {}, started
+    for name in ("ray", "data", "workers", "ready", "measured", "written"):
+        if name in times:
+            out[name], last = max(times[name] - last, 0.0), times[name]
+    return out
+
+
+def _draw(result: dict, out_dir: str) -> None:
+    from raytrain_kit.advise import InitDiagnosis, LayerStats
+
+    diagnoses, lr = None, result.get("lr")
     if "init" in result:
         diagnoses = [InitDiagnosis(s["scheme"], [LayerStats(str(i), a, g) for i, (a, g) in
                                                  enumerate(zip(s["activation_std"], s["gradient_rms"]))],
                                    s["gradient_ratio"], s["verdict"]) for s in result["init"]["schemes"]]
-        draw_advice(out_dir, diagnoses=diagnoses)
-    return result
+    suggestion = LrSuggestion(lr["lrs"][lr["index"]], lr["index"], lr["stop"], np.asarray(lr["smoothed"])) if lr else None
+    draw_advice(out_dir, lrs=lr and lr["lrs"], losses=lr and lr["losses"], suggestion=suggestion, diagnoses=diagnoses)
 
 
 def format_advice(result: dict) -> str:
-    """The printed table: each scheme's verdict, each strategy's bytes per worker, the patch."""
+    """The printed table: the range test's pick, each scheme's verdict, each strategy's bytes per
+    worker, the patch."""
     lines = []
+    if "lr" in result:
+        r = result["lr"]
+        end = f"diverged at lr {r['diverged_at']:.2g}" if r["diverged_at"] is not None else "never diverged"
+        lines.append(f"lr: range test, {len(r['losses'])} of {r['num_steps']} steps from {r['lrs'][0]:.0e} on "
+                     f"{r['num_workers']} worker(s), global batch {r['global_batch']}, {r['seconds']:.1f} s ({end})")
+        lines.append(f"  recommended: {r['suggested']:g} (the smoothed loss's steepest descent)")
     if "init" in result:
         lines.append("init: the loss gradient at the first layer over the last, at initialization, on real rows")
         lines += [f"  {s['scheme']:<17} {s['gradient_ratio']:>9.2g}  {s['verdict']}" for s in result["init"]["schemes"]]
@@ -164,8 +342,10 @@ def format_advice(result: dict) -> str:
         lines.append(f"  recommended: {m['recommended'] or 'none fits: lower train.batch_size'}")
     sets = " ".join(f"--set {k}={v}" for k, v in result["patch"].items())
     lines.append(f"wrote {result['out_dir']}/{ADVICE_YAML}: {sets}")
-    if "init" in result:
+    if "lr" in result or "init" in result:
         lines.append(f"wrote {result['out_dir']}/{ADVICE_PNG}")
+    stages = ", ".join(f"{STAGE_NAMES[k]} {v:.1f} s" for k, v in result["stages"].items())
+    lines.append(f"advise took {result['seconds']:.1f} s ({stages})")
     return "\n".join(lines)
 
 

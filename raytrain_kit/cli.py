@@ -59,12 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p = sub.add_parser("advise", help="measure before training, on real rows where the workers would run: which init "
+    p = sub.add_parser("advise", help="measure before training, on real rows where the workers would run: which "
+                                      "learning rate (a range test on the run's workers), which init "
                                       "scheme keeps the gradients alive, which strategy and micro-batch fit each "
                                       "worker's memory; writes advice.yaml (--set keys) and advice.png")
     _add_config_args(p)
-    p.add_argument("--only", choices=["init", "memory"], action="append", default=None,
-                   help="one part (repeatable; default: both)")
+    p.add_argument("--only", choices=["lr", "init", "memory"], action="append", default=None,
+                   help="one part (repeatable; default: all three)")
+    p.add_argument("--lr-range", nargs=2, type=float, metavar=("MIN", "MAX"), default=None,
+                   help="the range test's first and last learning rates (default: 1e-6 10)")
+    p.add_argument("--lr-steps", type=int, default=None, help="the range test's steps (default: 200; it stops "
+                                                               "early once the loss diverges)")
     p.add_argument("--out", default=None, help="folder for advice.yaml and advice.png "
                                                "(default: <run.storage_path>/<run.name>_advice)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
@@ -269,12 +274,18 @@ def _check(args) -> int:
 
 def _advise(args) -> int:
     from raytrain_kit.cluster import connect, disconnect
+    from raytrain_kit.errors import ConfigError
 
     cfg = _load(args)
-    started_ray = connect(args.address)
-    from raytrain_kit.advisor import PARTS, advice_json, format_advice, run_advise
+    if args.lr_range and not 0 < args.lr_range[0] < args.lr_range[1] or args.lr_steps is not None and args.lr_steps < 2:
+        raise ConfigError(f"--lr-range/--lr-steps: a range test needs 0 < MIN < MAX and 2 or more steps "
+                          f"(got --lr-range {args.lr_range}, --lr-steps {args.lr_steps})")
+    started_ray = connect(args.address)  # before the kit's heavy imports, as train does
+    from raytrain_kit.advisor import LR_RANGE, LR_STEPS, PARTS, advice_json, format_advice, run_advise
+    from raytrain_kit.launch import _process_started
 
-    result = run_advise(cfg, parts=args.only or PARTS, out_dir=args.out)
+    result = run_advise(cfg, parts=args.only or PARTS, out_dir=args.out, lr_range=tuple(args.lr_range or LR_RANGE),
+                        lr_steps=args.lr_steps or LR_STEPS, started=_process_started())
     print(advice_json(result) if args.json else format_advice(result))
     if started_ray:
         disconnect()

@@ -264,6 +264,13 @@ def check_resources(cfg: Experiment) -> None:
                           f"{total.get('GPU', 0):g}; set scaling.use_gpu: false or lower scaling.num_workers")
 
 
+def scaling_config(cfg: Experiment) -> ScalingConfig:
+    """The run's workers as Ray Train places them: `scaling.num_workers`, each with its CPUs (and a GPU)."""
+    s = cfg.scaling
+    return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                         resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})})
+
+
 def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=(),
                   init_checkpoint: Optional[str] = None, gate: Optional[dict] = None,
                   queue=None, progress=None) -> TorchTrainer:
@@ -277,8 +284,7 @@ def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=
                            "init_checkpoint": init_checkpoint, "gate": gate, "run_dir": run_dir(cfg),
                            "queue": queue, "progress": progress is not None,
                            "shards": split_for_workers(datasets, num_workers=s.num_workers) if in_memory else None},
-        scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
-                                     resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})}),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=storage_root(cfg), callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),

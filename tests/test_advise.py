@@ -1,5 +1,6 @@
-"""The maths of `advise`: the learning-rate range test's pick, and the signal-propagation
-diagnostic of initialization schemes (He et al. 2015's 30-layer ReLU case). Pure torch, no Ray."""
+"""`advise`: the learning-rate range test's pick and its run on the kit's own train state, the
+signal-propagation diagnostic of initialization schemes (He et al. 2015's 30-layer ReLU case),
+the memory plan; pure torch, except the last test, the command on the main job on Ray."""
 
 from __future__ import annotations
 
@@ -14,6 +15,68 @@ from raytrain_kit.config import build_experiment
 from raytrain_kit.data import DataSpec
 from raytrain_kit.data.sources import digits_arrays
 from raytrain_kit.models import build_model
+
+
+def _digits_job(**overrides):
+    """jobs/digits.yaml with `overrides` (dotted keys)."""
+    from pathlib import Path
+
+    from raytrain_kit.config import load_experiment
+
+    job = Path(__file__).resolve().parents[1] / "jobs" / "digits.yaml"
+    return load_experiment(job, [f"{key}={value}" for key, value in overrides.items()])
+
+
+def _digits_state(cfg, *, num_train_rows: int = 1437):
+    """The kit's train state for `cfg` on one worker, and the digits as the job reads them
+    (pixels / 16, not standardized), split 1437 / 360 by a seeded permutation."""
+    from raytrain_kit.loop import InMemoryData, build_train_state
+
+    x, y = digits_arrays()
+    order = np.random.default_rng(0).permutation(len(y))
+    x, y = (x[order] / 16.0).astype(np.float32), y[order].astype(np.int64)
+    spec = DataSpec(num_features=64, num_classes=10, input_shape=(1, 8, 8), num_train_rows=num_train_rows,
+                    num_val_rows=len(y) - num_train_rows)
+    state = build_train_state(cfg, spec, rank=0, world_size=1, device=torch.device("cpu"))
+    train, val = {"x": x[:num_train_rows], "y": y[:num_train_rows]}, {"x": x[num_train_rows:], "y": y[num_train_rows:]}
+    return state, InMemoryData.from_arrays(state, train, val)
+
+
+def test_the_range_test_on_the_kits_train_state_picks_a_rate_and_restores_everything():
+    """The digits CNN on one worker at the job's global batch (64): the range test takes the
+    run's own training steps, stops within 10 steps of the divergence, and leaves the weights,
+    the optimizer (its moments, its rates, its schedule's base) and the RNG as they were."""
+    from raytrain_kit.advise import smoothing_for
+    from raytrain_kit.range_test import range_test
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        state, data = _digits_state(_digits_job(**{"scaling.num_workers": 1, "train.batch_size": 64}))
+        before = ({k: v.clone() for k, v in state.model.state_dict().items()}, state.optimizer.state_dict(),
+                  torch.get_rng_state())
+        lrs = range_test_lrs(1e-6, 10.0, 200)
+        losses = range_test(state, data, lrs)
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < len(losses) < 200 and np.isfinite(losses[0]) and losses[0] > 2.0  # ~ln 10 at initialization
+    suggestion = suggest_lr(lrs[:len(losses)], losses, beta=smoothing_for(200))
+    assert len(losses) - 10 <= suggestion.stop < len(losses)  # stopped within a check of the divergence
+    assert 1e-3 <= suggestion.lr <= 6e-3, suggestion.lr  # AdamW on this CNN: the job's own 3e-3 is in range
+    assert min(losses[:suggestion.stop]) < 0.5 * losses[0]  # it learned on the way
+    weights, optimizer, rng = before
+    assert all(torch.equal(weights[k], v) for k, v in state.model.state_dict().items())
+    assert state.optimizer.state_dict() == optimizer and not state.optimizer.state  # no moments left behind
+    assert [g["lr"] for g in state.optimizer.param_groups] == [g["lr"] for g in optimizer["param_groups"]]
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def _best_val_accuracy_of_the_kits_loop(cfg) -> float:
+    """`cfg` trained by the kit's own loop (one worker, in this process): the best val_accuracy."""
+    from raytrain_kit.loop import run_epochs
+
+    state, data = _digits_state(cfg)
+    return max(report.metrics.get("val_accuracy", 0.0) for report in run_epochs(state, data))
 
 
 def _range_test_curve(num_steps: int, *, noise: float) -> tuple[np.ndarray, np.ndarray]:
@@ -205,6 +268,9 @@ def test_advice_png_draws_the_range_test_and_the_propagation(tmp_path):
 
 
 def test_advise_on_the_main_job_prints_its_verdicts_and_writes_a_patch_train_accepts(ray_session, tmp_path, capsys):
+    """Issue 21's must-show on jobs/digits.yaml: the range test on its 2 DDP workers and on 1
+    worker at the same global batch pick rates within 2x of each other; the pick trains the job
+    (the kit's own loop at that global batch) to >= 0.97; --set takes advice.yaml unchanged."""
     from pathlib import Path
 
     import yaml
@@ -212,22 +278,43 @@ def test_advise_on_the_main_job_prints_its_verdicts_and_writes_a_patch_train_acc
 
     from raytrain_kit.advisor import SCHEMES
     from raytrain_kit.cli import main
-    from raytrain_kit.config import load_experiment
 
     job = Path(__file__).resolve().parents[1] / "jobs" / "digits.yaml"
-    out = tmp_path / "advice"
+    out, out_1 = tmp_path / "advice", tmp_path / "advice_1"
     assert main(["advise", str(job), "--set", f"run.storage_path={tmp_path / 'runs'}", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     patch = yaml.safe_load((out / "advice.yaml").read_text())
-    assert set(patch) == {"init.scheme", "scaling.strategy"} and patch["init.scheme"] in SCHEMES
+    assert set(patch) == {"optim.lr", "init.scheme", "scaling.strategy"} and patch["init.scheme"] in SCHEMES
     assert patch["scaling.strategy"] == "ddp"  # the digits CNN fits any worker whole: the least communication
-    assert f"wrote {out}/advice.yaml: --set init.scheme={patch['init.scheme']} --set scaling.strategy=ddp" in printed
+    sets = f"--set optim.lr={patch['optim.lr']} --set init.scheme={patch['init.scheme']} --set scaling.strategy=ddp"
+    assert f"wrote {out}/advice.yaml: {sets}" in printed
+    assert "on 2 worker(s), global batch 64" in printed and f"recommended: {patch['optim.lr']:g}" in printed
     assert all(scheme in printed for scheme in SCHEMES) and "recommended: ddp" in printed
     assert np.asarray(Image.open(out / "advice.png").convert("L"), dtype=np.float64).std() > 20
-    cfg = load_experiment(job, [f"{key}={value}" for key, value in patch.items()])  # --set takes it unchanged
-    assert (cfg.init.scheme, cfg.scaling.strategy) == (patch["init.scheme"], "ddp")
+    assert sorted(p.name for p in out.iterdir()) == ["advice.png", "advice.yaml"]  # Ray Train's records removed
+    cfg = _digits_job(**patch)  # --set takes it unchanged
+    assert (cfg.optim.lr, cfg.init.scheme, cfg.scaling.strategy) == (patch["optim.lr"], patch["init.scheme"], "ddp")
     assert not (tmp_path / "runs").exists()  # no run was started
+
+    assert main(["advise", str(job), "--only", "lr", "--set", "scaling.num_workers=1", "--set", "train.batch_size=64",
+                 "--out", str(out_1)]) == 0
+    assert "on 1 worker(s), global batch 64" in capsys.readouterr().out
+    lr_1 = yaml.safe_load((out_1 / "advice.yaml").read_text())["optim.lr"]
+    assert 0.5 <= lr_1 / patch["optim.lr"] <= 2.0, (lr_1, patch["optim.lr"])  # the loss all-reduced: DDP-correct
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        accuracy = _best_val_accuracy_of_the_kits_loop(_digits_job(**patch, **{"scaling.num_workers": 1,
+                                                                               "train.batch_size": 64}))
+    finally:
+        torch.set_num_threads(threads)
+    assert accuracy >= 0.97, accuracy
 
     assert main(["advise", str(job), "--set", "model.kind=transformer"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: model.kind:"), err
+    assert main(["advise", str(job), "--lr-range", "1", "0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --lr-range/--lr-steps: a range test needs 0 < MIN < MAX and 2 or more steps "
+                   "(got --lr-range [1.0, 0.1], --lr-steps None)"]
