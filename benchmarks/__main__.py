@@ -4,7 +4,8 @@ reference in one run; a Markdown table on stdout and `benchmarks/results/<name>.
 The performance set (overhead, scaling, startup, ingest, end_to_end; see benchmarks/perf.py)
 runs by default. The benchmarks of other issues plug in by name and run only when asked:
 `--only gradcheck` (benchmarks/gradcheck_bench.py), `--only tune` (benchmarks/tune_bench.py),
-`--only memory` (benchmarks/memory_bench.py) and `--only errors` (benchmarks/errors_bench.py).
+`--only memory` (benchmarks/memory_bench.py), `--only errors` (benchmarks/errors_bench.py),
+`--only predict` (benchmarks/predict_bench.py) and `--only advise` (benchmarks/advise_bench.py).
 `--quick` shrinks every size for a smoke run (CI checks that it runs and emits every figure,
 never a speed threshold).
 """
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PERF = ("overhead", "scaling", "startup", "ingest", "end_to_end")
 SCRIPTS = {"gradcheck": "gradcheck_bench.py", "tune": "tune_bench.py", "memory": "memory_bench.py",
-           "errors": "errors_bench.py", "predict": "predict_bench.py"}  # their own issues' benchmarks
+           "errors": "errors_bench.py", "predict": "predict_bench.py", "advise": "advise_bench.py"}  # their own issues' benchmarks
 
 
 

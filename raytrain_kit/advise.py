@@ -312,29 +312,33 @@ class StrategyPlan:
 
     strategy: str
     state_bytes: int  # parameters, gradients, optimizer state (the worker's shards)
-    gathered_bytes: int  # full weights gathered while a sharded block runs (0 for ddp)
+    # held beside the state while a step computes: sharded, the full weights (and gradients) of
+    # the blocks being gathered; ddp, a fresh gradient on its way into the kept one
+    working_bytes: int
     activation_bytes: int
     total_bytes: int
     fits: bool
     max_micro_batch: int  # the largest micro-batch that fits with the margin (0: none does)
 
 
-def plan_strategies(state_bytes: dict[str, int], gathered_bytes: dict[str, int], *, activation_per_row: float,
-                    activation_fixed: int, micro_batch: int, available_bytes: int,
+def plan_strategies(state_bytes: dict[str, int], working_bytes: dict[str, int], *,
+                    activations: dict[str, tuple[float, int]], micro_batch: int, available_bytes: int,
                     margin: float = MEMORY_MARGIN) -> tuple[list[StrategyPlan], Optional[str]]:
     """Each strategy's `StrategyPlan` (in `state_bytes`' order) and the recommended one: the first
     that fits, so order them cheapest in communication first (ddp, hsdp, fsdp); None when none
-    does (then `max_micro_batch` says how far to shrink the batch). `available_bytes`: the memory
-    of one worker (its share of the node's, or its GPU's)."""
+    does (then `max_micro_batch` says how far to shrink the batch). `activations`: each
+    strategy's (bytes per row, fixed bytes) (`fit_activation_bytes`). `available_bytes`: the
+    memory of one worker (its share of the node's, or its GPU's)."""
     budget = margin * available_bytes
     plans = []
     for strategy, state in state_bytes.items():
-        gathered = gathered_bytes.get(strategy, 0)
-        activations = round(activation_per_row * micro_batch + activation_fixed)
-        total = state + gathered + activations
-        room = budget - state - gathered - activation_fixed
-        most = int(room // activation_per_row) if room > 0 and activation_per_row > 0 else 0
-        plans.append(StrategyPlan(strategy, state, gathered, activations, total, total <= budget, max(most, 0)))
+        working = working_bytes.get(strategy, 0)
+        per_row, fixed = activations[strategy]
+        activation = round(per_row * micro_batch + fixed)
+        total = state + working + activation
+        room = budget - state - working - fixed
+        most = int(room // per_row) if room > 0 and per_row > 0 else 0
+        plans.append(StrategyPlan(strategy, state, working, activation, total, total <= budget, max(most, 0)))
     recommended = next((p.strategy for p in plans if p.fits), None)
     return plans, recommended
 

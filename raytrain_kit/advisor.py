@@ -16,6 +16,7 @@ for (one start-up for all three), else as one Ray task. Exercised by `tests/test
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -34,7 +35,7 @@ from raytrain_kit.config import Experiment, build_experiment, with_overrides
 from raytrain_kit.data import DataSpec, read_block_ranges, spec_from_dict, spec_to_dict, split_for_workers
 from raytrain_kit.errors import ConfigError, RunError, traceback_text
 from raytrain_kit.models import build_model
-from raytrain_kit.parallel import find_blocks
+from raytrain_kit.parallel import LOW_PRECISION, find_blocks
 from raytrain_kit.steps import build_loss_fn
 
 PARTS = ("lr", "init", "memory")
@@ -49,18 +50,30 @@ SCHEMES = ("kaiming_normal", "kaiming_uniform", "xavier_uniform", "xavier_normal
 STRATEGY_ORDER = ("ddp", "hsdp", "fsdp")  # least communication first: the first that fits is recommended
 
 
-def gathered_bytes(model: torch.nn.Module, cfg: Experiment) -> int:
-    """Full weights a sharded worker holds beside its shards while it computes (FSDP2): the
-    root's own parameters (gathered for the whole forward), and the largest block's three times
-    (it, the next one prefetched, and its gradients before the reduce-scatter)."""
-    blocks = find_blocks(model, cfg)
-    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+def working_bytes(model: torch.nn.Module, cfg: Experiment, strategy: str) -> int:
+    """Bytes a worker holds beside its state while a step computes (measured against the
+    profiler's peak by benchmarks/advise_bench.py).
 
+    fsdp/hsdp (FSDP2): the root's own parameters, gathered for the whole forward, and the largest
+    block's three times (it, the next one prefetched, and its full gradients before the
+    reduce-scatter), in bf16/fp16 bytes under those precisions (FSDP2 gathers in them); and once
+    more in fp32, the reduce-scatter's flat input. ddp: autograd computes each weight's gradient as a new tensor and then adds
+    it into the kept one (a gradient accumulated over micro-batches, or DDP's bucket that the
+    gradient views): one gradient of the largest parameter at a time; none for one worker
+    without accumulation, whose gradients are the new tensors themselves."""
     def size(params) -> int:
         return sum(p.numel() * p.element_size() for p in params)
 
+    if strategy == "ddp":
+        adds = cfg.scaling.num_workers > 1 or cfg.train.grad_accum_steps > 1
+        return max((size([p]) for p in model.parameters() if p.requires_grad), default=0) if adds else 0
+    blocks = find_blocks(model, cfg)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
     largest = max((size(block.parameters()) for block in blocks), default=0)
-    return size(p for p in model.parameters() if id(p) not in in_blocks) + 3 * largest
+    low = LOW_PRECISION.get(cfg.train.precision)
+    scale = low.itemsize / 4 if low is not None else 1.0  # the kit's parameters are fp32; gathers in `low`
+    # + the reduce-scatter's input, the block's gradients copied flat, in fp32 (the kit's reduce_dtype)
+    return round(scale * (size(p for p in model.parameters() if id(p) not in in_blocks) + 3 * largest) + largest)
 
 
 def _init_part(cfg: Experiment, spec: DataSpec, inputs, targets, loss_fn) -> dict:
@@ -79,18 +92,38 @@ def _memory_part(cfg: Experiment, spec: DataSpec, inputs, targets, loss_fn, avai
     n = cfg.scaling.num_workers
     shards = {"ddp": 1, "hsdp": min(cfg.scaling.shard_group_size or n, n), "fsdp": n}
     state = {s: plan_state_bytes(model, cfg, num_shards=shards[s]) for s in STRATEGY_ORDER}
-    gathered = {s: 0 if s == "ddp" else gathered_bytes(model, cfg) for s in STRATEGY_ORDER}
-    per_row, fixed = fit_activation_bytes(model, inputs, targets, loss_fn)
-    plans, recommended = plan_strategies(state, gathered, activation_per_row=per_row, activation_fixed=fixed,
-                                         micro_batch=cfg.train.batch_size, available_bytes=available_bytes)
-    return {"recommended": recommended, "available_bytes": available_bytes, "micro_batch": cfg.train.batch_size,
-            "num_workers": n, "activation_bytes_per_row": per_row, "plans": [p.__dict__ for p in plans]}
+    working = {s: working_bytes(model, cfg, s) for s in STRATEGY_ORDER}
+    activations = _activation_fits(model, cfg, inputs, targets, loss_fn)
+    plans, recommended = plan_strategies(state, working, activations=activations, micro_batch=cfg.train.batch_size,
+                                         available_bytes=available_bytes)
+    return {"recommended": recommended, "available_bytes": available_bytes, "gpu": cfg.scaling.use_gpu,
+            "micro_batch": cfg.train.batch_size, "num_workers": n,
+            "activation_bytes_per_row": {s: a[0] for s, a in activations.items()}, "plans": [p.__dict__ for p in plans]}
+
+
+def _activation_fits(model, cfg: Experiment, inputs, targets, loss_fn) -> dict[str, tuple[float, int]]:
+    """Each strategy's activations (`fit_activation_bytes`) in the run's precision. fp32: one fit
+    for all. bf16/fp16: ddp's under autocast (which also keeps the weights' cast copies for the
+    backward: a fixed part), the sharded ones' on the model cast to that type, as FSDP2's
+    policy computes (its gathered weights are the working bytes)."""
+    low = LOW_PRECISION.get(cfg.train.precision)
+    if low is None:
+        fit = fit_activation_bytes(model, inputs, targets, loss_fn)
+        return {s: fit for s in STRATEGY_ORDER}
+    with torch.autocast("cpu", dtype=low):
+        ddp = fit_activation_bytes(model, inputs, targets, loss_fn)
+    cast = copy.deepcopy(model).to(low)
+    sharded = fit_activation_bytes(cast, inputs.to(low), targets, lambda outputs, y: loss_fn(outputs.float(), y))
+    return {s: ddp if s == "ddp" else sharded for s in STRATEGY_ORDER}
 
 
 def measure(experiment: dict, spec: dict, x: np.ndarray, y: np.ndarray, parts: Sequence[str],
             available_bytes: int) -> dict:
-    """The init and memory parts on `x`, `y` (encoded training rows), where this runs."""
+    """The init and memory parts on `x`, `y` (encoded training rows), where this runs.
+    `available_bytes` None: a GPU run's, each worker's GPU memory (this process's GPU's)."""
     cfg, spec = build_experiment(experiment), spec_from_dict(spec)
+    if available_bytes is None and "memory" in parts:
+        available_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     inputs = torch.tensor(x, dtype=torch.float32).view(-1, *spec.input_shape)
     targets = torch.tensor(y)
     loss_fn = build_loss_fn(classification=spec.task == "classification")
@@ -211,9 +244,12 @@ def lr_result(measured: dict, *, lr_steps: int, num_workers: int, global_batch: 
             "num_steps": lr_steps, "num_workers": num_workers, "global_batch": global_batch}
 
 
-def worker_memory_bytes(cfg: Experiment) -> int:
+def worker_memory_bytes(cfg: Experiment) -> Optional[int]:
     """Each worker's share of the smallest node's memory (Ray's `memory` resource: what tasks may
-    use), the workers spread evenly over the alive nodes."""
+    use), the workers spread evenly over the alive nodes. None for a GPU run: each worker has
+    its GPU's memory, which the measuring process reads off its own GPU."""
+    if cfg.scaling.use_gpu:
+        return None
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("memory")]
     per_node = math.ceil(cfg.scaling.num_workers / max(len(nodes), 1))
     smallest = min((n["Resources"]["memory"] for n in nodes), default=ray.cluster_resources().get("memory", 0))
@@ -281,7 +317,7 @@ def run_advise(cfg: Experiment, *, parts: Sequence[str] = PARTS, out_dir: Option
                                  global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.scaling.num_workers)
         times["workers"], times["ready"] = result.pop("worker_started"), result.pop("worker_ready")
     else:
-        result = ray.get(advise_task.remote(**measured))
+        result = ray.get(advise_task.options(num_gpus=1 if cfg.scaling.use_gpu else 0).remote(**measured))
     times["measured"] = time.time()
     result["patch"], result["out_dir"] = advice_patch(result, cfg), out_dir
     write_run_file(out_dir, ADVICE_YAML, yaml.safe_dump(result["patch"], sort_keys=False))
@@ -332,11 +368,12 @@ def format_advice(result: dict) -> str:
     if "memory" in result:
         m = result["memory"]
         lines.append(f"memory per worker: {m['num_workers']} workers, micro-batch {m['micro_batch']}, "
-                     f"{m['available_bytes'] / 2**30:.1f} GiB each (plans fit within 80%)")
-        lines.append(f"  {'strategy':<8} {'state':>10} {'gathered':>10} {'activations':>12} {'total':>10}  fits  "
+                     f"{m['available_bytes'] / 2**30:.1f} GiB each{' (GPU memory)' if m.get('gpu') else ''} "
+                     "(plans fit within 80%)")
+        lines.append(f"  {'strategy':<8} {'state':>10} {'working':>10} {'activations':>12} {'total':>10}  fits  "
                      "largest micro-batch")
         for p in m["plans"]:
-            lines.append(f"  {p['strategy']:<8} {_mib(p['state_bytes'])} {_mib(p['gathered_bytes'])} "
+            lines.append(f"  {p['strategy']:<8} {_mib(p['state_bytes'])} {_mib(p['working_bytes'])} "
                          f"{_mib(p['activation_bytes']):>12} {_mib(p['total_bytes'])}  {'yes ' if p['fits'] else 'no  '}  "
                          f"{p['max_micro_batch']:,}")
         lines.append(f"  recommended: {m['recommended'] or 'none fits: lower train.batch_size'}")

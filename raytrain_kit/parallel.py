@@ -78,7 +78,11 @@ def wrap_model(model: nn.Module, cfg: Experiment, *, world_size: int, device: to
             return model
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Gradients as views into DDP's all-reduce buckets: without it every worker holds the
+        # gradients twice (the buckets are a copy), 33 MB more per worker on jobs/fsdp_mlp.yaml
+        # than `advise.plan_state_bytes` (measured: benchmarks/advise_bench.py).
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       gradient_as_bucket_view=True)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = build_mesh(cfg, world_size=world_size, device_type=device.type)

@@ -88,4 +88,5 @@ def _restore(state: TrainState, saved: dict) -> None:
     if saved["scaler"] is not None:
         state.scaler.load_state_dict(saved["scaler"])
     torch.set_rng_state(saved["rng"])
-    state.optimizer.zero_grad(set_to_none=True)
+    # Zeroed, not freed: DDP's gradients stay views into its buckets (steps.train_epoch).
+    state.optimizer.zero_grad(set_to_none=not getattr(state.module, "gradient_as_bucket_view", False))

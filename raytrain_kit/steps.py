@@ -143,6 +143,10 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
     penalized = penalty_model if penalty_model is not None else model
     result = EpochResult(EpochSums(), 0)
     model.train()
+    # DDP's gradients are views into its all-reduce buckets (parallel.wrap_model): zeroed in
+    # place they stay views; set to None, the micro-batches before the last (no_sync) would
+    # accumulate into fresh tensors, a second copy of every gradient beside the buckets.
+    bucket_views = bool(getattr(model, "gradient_as_bucket_view", False))
     started = time.perf_counter()
     num_batches = 0
     it = iter(batches)
@@ -154,7 +158,7 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
             break
         num_batches += len(group)
         rows = sum(y.shape[0] for _, y in group)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not bucket_views)
         micro: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for j, (x, y) in enumerate(group):
             last = j == len(group) - 1
@@ -175,7 +179,7 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
         add_penalty_gradients(penalized, l1=reg.l1, l2=reg.l2)
         grad_norm = gradient_norm(model, clip=reg.grad_clip_norm)
         if not torch.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not bucket_views)
             if scaler is not None and all(bool(torch.isfinite(loss)) for loss, _, _ in micro):
                 scaler.update()  # fp16 overflow: the scaler lowers its scale and the step is dropped
                 continue

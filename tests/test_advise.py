@@ -237,8 +237,9 @@ def test_the_strategy_plan_recommends_the_cheapest_that_fits_and_the_batch_that_
 
     gib = 2**30
     state = {"ddp": 12 * gib, "hsdp": 6 * gib, "fsdp": 3 * gib}  # 4 workers, hsdp in groups of 2
-    gathered = {"hsdp": gib // 2, "fsdp": gib // 2}
-    plans, recommended = plan_strategies(state, gathered, activation_per_row=2**20, activation_fixed=0, micro_batch=1024,
+    working = {"hsdp": gib // 2, "fsdp": gib // 2}
+    activations = {strategy: (2**20, 0) for strategy in state}
+    plans, recommended = plan_strategies(state, working, activations=activations, micro_batch=1024,
                                          available_bytes=16 * gib)
     by_name = {p.strategy: p for p in plans}
     assert recommended == "hsdp"  # ddp needs 13 GiB, over 80% of 16
@@ -246,8 +247,7 @@ def test_the_strategy_plan_recommends_the_cheapest_that_fits_and_the_batch_that_
     assert by_name["hsdp"].total_bytes == 6 * gib + gib // 2 + gib and by_name["hsdp"].fits
     # ddp would fit with a micro-batch of (12.8 - 12) GiB / 1 MiB = 819 rows.
     assert by_name["ddp"].max_micro_batch == int((0.8 * 16 * gib - 12 * gib) // 2**20) == 819
-    _, none = plan_strategies(state, gathered, activation_per_row=2**20, activation_fixed=0, micro_batch=1024,
-                              available_bytes=2 * gib)
+    _, none = plan_strategies(state, working, activations=activations, micro_batch=1024, available_bytes=2 * gib)
     assert none is None
 
 
@@ -318,3 +318,36 @@ def test_advise_on_the_main_job_prints_its_verdicts_and_writes_a_patch_train_acc
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --lr-range/--lr-steps: a range test needs 0 < MIN < MAX and 2 or more steps "
                    "(got --lr-range [1.0, 0.1], --lr-steps None)"]
+
+
+def test_the_memory_plan_is_the_profilers_peak_of_a_step_with_accumulated_gradients():
+    """One worker, 2 micro-batches a step: autograd computes each weight's gradient of the second
+    micro-batch as a new tensor before adding it into the kept one, the plan's working bytes (the
+    largest weight's gradient). Measured: PyTorch's profiler, every CPU allocation and free from
+    before the model is built to the end of the second step, summed; its peak in that step."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from raytrain_kit.advisor import _memory_part
+    from raytrain_kit.loop import build_train_state
+    from raytrain_kit.steps import build_loss_fn, train_epoch
+
+    cfg = build_experiment({"data": {"source": "synthetic", "num_features": 128}, "model": {"kind": "mlp", "hidden": [512] * 3},
+                            "optim": {"name": "adamw"}, "train": {"batch_size": 64, "grad_accum_steps": 2},
+                            "scaling": {"num_workers": 1}})
+    spec = DataSpec(num_features=128, num_classes=10, input_shape=(128,), num_train_rows=1024, num_val_rows=64)
+    x, y = torch.rand(128, 128, generator=torch.Generator().manual_seed(0)), torch.arange(128) % 10
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        state = build_train_state(cfg, spec, rank=0, world_size=1, device=torch.device("cpu"))
+        for step in range(2):
+            with record_function(f"step{step}"):
+                train_epoch(state.module, [(x[:64], y[:64]), (x[64:], y[64:])], cfg=cfg, optimizer=state.optimizer,
+                            scheduler=state.scheduler, penalty_model=state.model)
+    kineto = prof.profiler.kineto_results.events()
+    second = next(e for e in kineto if e.name() == "step1")
+    events = sorted((e.start_ns(), e.nbytes()) for e in kineto if e.name() == "[memory]")
+    live = np.cumsum([n for _, n in events])
+    peak = max(v for (t, _), v in zip(events, live) if second.start_ns() <= t <= second.end_ns())
+    plan = next(p for p in _memory_part(cfg, spec, x[:64], y[:64], build_loss_fn(classification=True), 1 << 40)["plans"]
+                if p["strategy"] == "ddp")
+    assert plan["working_bytes"] == 512 * 512 * 4  # the largest weight's gradient
+    assert plan["state_bytes"] < peak and abs(plan["total_bytes"] / peak - 1) < 0.1, (plan, peak)
