@@ -2,7 +2,8 @@
 # GPU check for the parallel strategies and precisions: trains a shrunk jobs/fsdp_mlp.yaml on the
 # machine's GPUs under ddp and fsdp, each in fp32, bf16 and fp16, and prints one line per run
 # (final validation accuracy, samples/s, per-worker state and peak GPU memory), then `predict --gpu`
-# on the fsdp run's checkpoint, then a BatchNorm model with model.sync_batchnorm under ddp. Skips, with a
+# on the fsdp run's checkpoint, then advise's memory plan against each GPU worker's measured peak
+# (benchmarks/advise_bench.py --gpu), then a BatchNorm model with model.sync_batchnorm under ddp. Skips, with a
 # message and exit code 0, on a machine without GPUs. Run from the repository root:
 #
 #     bash benchmarks/gpu_check.sh [NUM_WORKERS]     # default: every GPU, at most 2
@@ -62,6 +63,14 @@ PY
     else
         echo "gpu_check: predict_gpu FAILED:"; tail -20 "$storage/predict.log"; failed=1
     fi
+fi
+
+# `advise`'s memory plan against CUDA's allocator's peak per GPU worker (ddp and fsdp, fp32 and
+# bf16, on fsdp_mlp and the digits CNN): every row within 20%, as on CPUs.
+if "$PYTHON" benchmarks/advise_bench.py --part memory --gpu --strict > "$storage/advise_gpu.log" 2>&1; then
+    grep "^| advise memory" "$storage/advise_gpu.log" | sed 's/^/gpu_check: /'
+else
+    echo "gpu_check: advise_memory_gpu FAILED:"; tail -20 "$storage/advise_gpu.log"; failed=1
 fi
 
 # SyncBatchNorm (model.sync_batchnorm) exists on GPUs only: a BatchNorm model under ddp.

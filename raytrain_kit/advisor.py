@@ -20,7 +20,6 @@ import copy
 import json
 import math
 import os
-import signal
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -141,16 +140,18 @@ def advise_task(experiment: dict, spec: dict, x: np.ndarray, y: np.ndarray, part
     return measure(experiment, spec, x, y, parts, available_bytes)
 
 
-def range_test_per_worker(config: dict) -> Optional[dict]:
+def range_test_per_worker(config: dict) -> None:
     """Runs in every Train worker: on rank 0 first the other parts asked for, then on every rank
-    the range test on this worker's piece of the training rows. Rank 0 returns
-    {"lr": {"lrs", "losses", "seconds"}, and the other parts}; a failing worker leaves its
-    account in `config["out_dir"]/logs` (`worker.write_failure`)."""
+    the range test on this worker's piece of the training rows. Rank 0 writes
+    {"lr": {"lrs", "losses", "seconds"}, and the other parts} to `config["out_dir"]`'s
+    RANGE_TEST_FILE; a failing worker leaves its account in `config["out_dir"]/logs`
+    (`worker.write_failure`)."""
     import ray.train
     import ray.train.torch
 
     from raytrain_kit.loop import InMemoryData, StreamedData, build_train_state
     from raytrain_kit.range_test import range_test
+    from raytrain_kit.storage import write_run_file
     from raytrain_kit.worker import write_failure
 
     entered = time.time()
@@ -174,20 +175,27 @@ def range_test_per_worker(config: dict) -> Optional[dict]:
         started = time.perf_counter()
         losses = range_test(state, data, lrs)
         out["lr"] = {"lrs": lrs[:len(losses)].tolist(), "losses": losses, "seconds": time.perf_counter() - started}
+        if rank == 0:
+            write_run_file(config["out_dir"], RANGE_TEST_FILE, json.dumps(out))
     except Exception as e:
         write_failure(config["out_dir"], e, rank=rank, epoch=None, step=None)
         raise
-    return out if rank == 0 else None
 
 
-def _fit_range_test(cfg: Experiment, datasets: dict, spec: DataSpec, config: dict, out_dir: str) -> dict:
-    """The range test's `TorchTrainer` (a run named `range_test` under `out_dir`, removed after),
-    and rank 0's result. Raises RunError with the failing worker's own error."""
+RANGE_TEST_FILE = "range_test.json"  # rank 0's result, in the out folder as soon as it has it
+
+
+def _fit_range_test(cfg: Experiment, datasets: dict, spec: DataSpec, config: dict, out_dir: str,
+                    then: Callable[[dict], None]) -> dict:
+    """The range test's `TorchTrainer` (a run named `range_test` under `out_dir`, removed after):
+    rank 0's result, on which `then` runs (the pictures, the patch) while Ray Train winds its
+    workers down (about a second). Rank 0 leaves its result in `out_dir` (shared storage, as a
+    run's records) the moment it has it. Raises RunError with the failing worker's own error."""
     from ray.train import DataConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from raytrain_kit.launch import _worker_error, scaling_config
-    from raytrain_kit.storage import filesystem
+    from raytrain_kit.storage import filesystem, path_exists, read_run_file
 
     in_memory = cfg.data.in_memory
     if in_memory:
@@ -197,24 +205,43 @@ def _fit_range_test(cfg: Experiment, datasets: dict, spec: DataSpec, config: dic
         run_config=RunConfig(name="range_test", storage_path=out_dir, logging_config=LoggingConfig(log_level="WARNING")),
         datasets=None if in_memory else {"train": datasets["train"]},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ray.data.ExecutionOptions(preserve_order=True)))
-    # Train installs a Ctrl-C handler that holds its controller; the process's own comes back after.
-    main_thread = threading.current_thread() is threading.main_thread()
-    sigint = signal.getsignal(signal.SIGINT) if main_thread else None
-    started = time.time()
-    # The driver waits ~20 s for the workers: import the pictures' library meanwhile (~1 s).
-    threading.Thread(target=_import_pyplot, daemon=True).start()
-    try:
-        return trainer.fit().return_value
-    except Exception as e:  # TrainingFailedError and friends: the worker's own error first
-        raise RunError(*_worker_error(e, out_dir, since=started), traceback=traceback_text(e)) from None
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, sigint)
-        fs, path = filesystem(f"{out_dir}/range_test")
+    started, failure = time.time(), []
+
+    def fit() -> None:  # off the main thread, Train installs no Ctrl-C handler of its own
         try:
-            fs.delete_dir(path)  # Ray Train's records of a run that keeps nothing
-        except OSError:
-            pass
+            trainer.fit()
+        except Exception as e:  # noqa: BLE001 - TrainingFailedError and friends, raised below
+            failure.append(e)
+
+    fitting = threading.Thread(target=fit, daemon=True)
+    fitting.start()
+    _import_pyplot()  # the driver waits ~20 s for the workers: import the pictures' library meanwhile
+    poll_s = 0.5 if "://" in out_dir else 0.05
+    try:
+        while not path_exists(f"{out_dir}/{RANGE_TEST_FILE}"):
+            if not fitting.is_alive():
+                break
+            time.sleep(poll_s)
+        result, error = None, None
+        if path_exists(f"{out_dir}/{RANGE_TEST_FILE}"):
+            result = json.loads(read_run_file(out_dir, RANGE_TEST_FILE))
+            try:
+                then(result)
+            except Exception as e:  # noqa: BLE001 - raised once the workers are gone
+                error = e
+        fitting.join()
+        if failure:
+            raise RunError(*_worker_error(failure[0], out_dir, since=started), traceback=traceback_text(failure[0]))
+        if error is not None:
+            raise error
+        return result
+    finally:
+        fs, path = filesystem(out_dir)
+        for name, delete in (("range_test", fs.delete_dir), (RANGE_TEST_FILE, fs.delete_file)):
+            try:
+                delete(f"{path}/{name}")  # Ray Train's records of a run that keeps nothing; the handover
+            except OSError:
+                pass
 
 
 def check_lr_range(lr_range: Sequence[float], lr_steps: int) -> None:
@@ -308,30 +335,36 @@ def run_advise(cfg: Experiment, *, parts: Sequence[str] = PARTS, out_dir: Option
     log(f"advise:        {', '.join(parts)} on {cfg.scaling.num_workers} worker(s)")
     measured = dict(experiment=cfg.model_dump(mode="json"), spec=spec_to_dict(spec), x=batch["x"], y=batch["y"],
                     parts=others, available_bytes=worker_memory_bytes(cfg) if "memory" in parts else 0)
+
+    def write(result: dict) -> None:  # the verdicts, advice.yaml and advice.png
+        times["measured"] = time.time()
+        if "lr" in result:
+            result["lr"] = lr_result(result["lr"], lr_steps=lr_steps, num_workers=cfg.scaling.num_workers,
+                                     global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.scaling.num_workers)
+            times["workers"], times["ready"] = result.pop("worker_started"), result.pop("worker_ready")
+        result["patch"], result["out_dir"] = advice_patch(result, cfg), out_dir
+        write_run_file(out_dir, ADVICE_YAML, yaml.safe_dump(result["patch"], sort_keys=False))
+        if "lr" in result or "init" in result:
+            _draw(result, out_dir)
+        times["written"] = time.time()
+
     if "lr" in parts:
         check_resources(cfg)
         check_streaming_resources(cfg, datasets)
         result = _fit_range_test(cfg, datasets, spec, {**measured, "lr_range": list(lr_range), "lr_steps": lr_steps,
-                                                       "out_dir": out_dir}, out_dir)
-        result["lr"] = lr_result(result["lr"], lr_steps=lr_steps, num_workers=cfg.scaling.num_workers,
-                                 global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.scaling.num_workers)
-        times["workers"], times["ready"] = result.pop("worker_started"), result.pop("worker_ready")
+                                                       "out_dir": out_dir}, out_dir, then=write)
     else:
         result = ray.get(advise_task.options(num_gpus=1 if cfg.scaling.use_gpu else 0).remote(**measured))
-    times["measured"] = time.time()
-    result["patch"], result["out_dir"] = advice_patch(result, cfg), out_dir
-    write_run_file(out_dir, ADVICE_YAML, yaml.safe_dump(result["patch"], sort_keys=False))
-    if "lr" in result or "init" in result:
-        _draw(result, out_dir)
-    times["written"] = time.time()
-    result["seconds"], result["stages"] = times["written"] - started, _stages(started, times)
+        write(result)
+    result["seconds"], result["stages"] = time.time() - started, _stages(started, times)
     return result
 
 
 def _stages(started: float, times: dict) -> dict[str, float]:
     """Seconds of each stage, from `started`: Ray, data, the workers' start, their model and rows
-    (and the init and memory parts on rank 0), the range test until its result is back, the files.
-    Without the range test: Ray, data, the measurements' task, the files."""
+    (and the init and memory parts on rank 0), the range test until its result is back, the files
+    (while Ray Train ends its workers). Without the range test: Ray, data, the measurements'
+    task, the files."""
     out, last = {}, started
     for name in ("ray", "data", "workers", "ready", "measured", "written"):
         if name in times:
@@ -382,6 +415,7 @@ def format_advice(result: dict) -> str:
     if "lr" in result or "init" in result:
         lines.append(f"wrote {result['out_dir']}/{ADVICE_PNG}")
     stages = ", ".join(f"{STAGE_NAMES[k]} {v:.1f} s" for k, v in result["stages"].items())
+    stages += f", the workers' end {result['seconds'] - sum(result['stages'].values()):.1f} s" if "lr" in result else ""
     lines.append(f"advise took {result['seconds']:.1f} s ({stages})")
     return "\n".join(lines)
 
