@@ -369,6 +369,8 @@ def _draw_range_test(ax, lrs: np.ndarray, losses: np.ndarray, suggestion: LrSugg
     ax.plot(lrs, losses, color="0.75", linewidth=0.8, label="loss per step")
     ax.plot(lrs[:suggestion.stop], suggestion.smoothed, color="C0", linewidth=2, label="smoothed")
     ax.axvline(suggestion.lr, color="C3", linestyle="--", label=f"pick: lr {suggestion.lr:.3g}")
+    if suggestion.stop < len(lrs):  # where the (causal) moving average passed 4x its minimum
+        ax.axvline(lrs[suggestion.stop], color="0.4", linestyle=":", label=f"diverged: lr {lrs[suggestion.stop]:.2g}")
     ax.set_xscale("log")
     shown = np.concatenate([losses[:suggestion.stop], suggestion.smoothed])
     ax.set_ylim(shown.min() * 0.9, max(suggestion.smoothed[0], shown.min()) * 1.6)  # the divergence's tail off the top

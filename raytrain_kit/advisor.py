@@ -314,7 +314,7 @@ def run_advise(cfg: Experiment, *, parts: Sequence[str] = PARTS, out_dir: Option
     from raytrain_kit.cluster import connect
     from raytrain_kit.data import build_datasets
     from raytrain_kit.launch import check_model_builds, check_resources, check_streaming_resources, storage_root
-    from raytrain_kit.storage import write_run_file
+    from raytrain_kit.storage import path_exists, write_run_file
 
     started = started or time.time()
     if "lr" in parts:
@@ -343,6 +343,7 @@ def run_advise(cfg: Experiment, *, parts: Sequence[str] = PARTS, out_dir: Option
                                      global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.scaling.num_workers)
             times["workers"], times["ready"] = result.pop("worker_started"), result.pop("worker_ready")
         result["patch"], result["out_dir"] = advice_patch(result, cfg), out_dir
+        result["replaced"] = path_exists(f"{out_dir}/{ADVICE_YAML}")
         write_run_file(out_dir, ADVICE_YAML, yaml.safe_dump(result["patch"], sort_keys=False))
         if "lr" in result or "init" in result:
             _draw(result, out_dir)
@@ -412,11 +413,14 @@ def format_advice(result: dict) -> str:
         lines.append(f"  recommended: {m['recommended'] or 'none fits: lower train.batch_size'}")
     sets = " ".join(f"--set {k}={v}" for k, v in result["patch"].items())
     lines.append(f"wrote {result['out_dir']}/{ADVICE_YAML}: {sets}")
+    if result.get("replaced"):
+        lines.append("  (it replaced the advice there of an earlier advise: --out DIR keeps each variant's)")
     if "lr" in result or "init" in result:
         lines.append(f"wrote {result['out_dir']}/{ADVICE_PNG}")
-    stages = ", ".join(f"{STAGE_NAMES[k]} {v:.1f} s" for k, v in result["stages"].items())
+    names = {**STAGE_NAMES, **({} if "init" in result or "memory" in result else {"ready": "model and shards"})}
+    stages = ", ".join(f"{names[k]} {v:.1f} s" for k, v in result["stages"].items())
     stages += f", the workers' end {result['seconds'] - sum(result['stages'].values()):.1f} s" if "lr" in result else ""
-    lines.append(f"advise took {result['seconds']:.1f} s ({stages})")
+    lines.append(f"advise took {result['seconds']:.1f} s from the process's start ({stages})")
     return "\n".join(lines)
 
 

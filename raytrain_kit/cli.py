@@ -37,9 +37,18 @@ def _verbosity(args) -> int:
     return VERBOSE if getattr(args, "verbose", False) else QUIET if getattr(args, "quiet", False) else NORMAL
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as every other bad input: one `error:` line naming the remedy, exit 2
+    (argparse's own prints the whole usage block first)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raytrain-kit", description="Validated, data-parallel PyTorch training on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _OneLineParser(prog="raytrain-kit", description="Validated, data-parallel PyTorch training on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
     p = sub.add_parser("validate", help="check a config (and a local data file's header) and print it fully resolved, as YAML")
     _add_config_args(p)
     p = sub.add_parser("train", help="train an experiment on an embedded Ray or a cluster")
@@ -66,10 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--only", choices=["lr", "init", "memory"], action="append", default=None,
                    help="one part (repeatable; default: all three)")
-    p.add_argument("--lr-range", nargs=2, type=float, metavar=("MIN", "MAX"), default=None,
+    # The defaults are advisor.LR_RANGE and LR_STEPS (tests/test_advise.py checks), written out
+    # here so that a bad value is refused before the kit's heavy imports.
+    p.add_argument("--lr-range", nargs=2, type=float, metavar=("MIN", "MAX"), default=[1e-6, 10.0],
                    help="the range test's first and last learning rates (default: 1e-6 10)")
-    p.add_argument("--lr-steps", type=int, default=None, help="the range test's steps (default: 200; it stops "
-                                                               "early once the loss diverges)")
+    p.add_argument("--lr-steps", type=int, default=200, help="the range test's steps (default: 200; it stops "
+                                                              "early once the loss diverges)")
     p.add_argument("--out", default=None, help="folder for advice.yaml and advice.png "
                                                "(default: <run.storage_path>/<run.name>_advice)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
@@ -277,15 +288,16 @@ def _advise(args) -> int:
     from raytrain_kit.errors import ConfigError
 
     cfg = _load(args)
-    if args.lr_range and not 0 < args.lr_range[0] < args.lr_range[1] or args.lr_steps is not None and args.lr_steps < 2:
+    lr_range, lr_steps = args.lr_range, args.lr_steps
+    if not 0 < lr_range[0] < lr_range[1] or lr_steps < 2:
         raise ConfigError(f"--lr-range/--lr-steps: a range test needs 0 < MIN < MAX and 2 or more steps "
-                          f"(got --lr-range {args.lr_range}, --lr-steps {args.lr_steps})")
+                          f"(got --lr-range {lr_range[0]:g} {lr_range[1]:g} --lr-steps {lr_steps})")
     started_ray = connect(args.address)  # before the kit's heavy imports, as train does
-    from raytrain_kit.advisor import LR_RANGE, LR_STEPS, PARTS, advice_json, format_advice, run_advise
+    from raytrain_kit.advisor import PARTS, advice_json, format_advice, run_advise
     from raytrain_kit.launch import _process_started
 
-    result = run_advise(cfg, parts=args.only or PARTS, out_dir=args.out, lr_range=tuple(args.lr_range or LR_RANGE),
-                        lr_steps=args.lr_steps or LR_STEPS, started=_process_started())
+    result = run_advise(cfg, parts=args.only or PARTS, out_dir=args.out, lr_range=tuple(lr_range), lr_steps=lr_steps,
+                        started=_process_started())
     print(advice_json(result) if args.json else format_advice(result))
     if started_ray:
         disconnect()
@@ -315,7 +327,10 @@ def _quiet_thread_errors(args) -> Iterator[None]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a bad argument already printed as one line (2)
+        return e.code if isinstance(e.code, int) else 0
     with _quiet_thread_errors(args):
         return _run(args)
 

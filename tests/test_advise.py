@@ -317,7 +317,18 @@ def test_advise_on_the_main_job_prints_its_verdicts_and_writes_a_patch_train_acc
     assert main(["advise", str(job), "--lr-range", "1", "0.1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --lr-range/--lr-steps: a range test needs 0 < MIN < MAX and 2 or more steps "
-                   "(got --lr-range [1.0, 0.1], --lr-steps None)"]
+                   "(got --lr-range 1 0.1 --lr-steps 200)"]
+    assert main(["advise", str(job), "--only", "bogus"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument --only: invalid choice: 'bogus'"), err
+
+
+def test_the_cli_defaults_of_the_range_test_are_the_advisors():
+    from raytrain_kit.advisor import LR_RANGE, LR_STEPS
+    from raytrain_kit.cli import build_parser
+
+    args = build_parser().parse_args(["advise", "jobs/digits.yaml"])
+    assert (tuple(args.lr_range), args.lr_steps) == (LR_RANGE, LR_STEPS)
 
 
 def test_the_memory_plan_is_the_profilers_peak_of_a_step_with_accumulated_gradients():
