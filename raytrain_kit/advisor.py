@@ -234,6 +234,8 @@ def _fit_range_test(cfg: Experiment, datasets: dict, spec: DataSpec, config: dic
             raise RunError(*_worker_error(failure[0], out_dir, since=started), traceback=traceback_text(failure[0]))
         if error is not None:
             raise error
+        if result is None:  # the workers ended without a word: nothing to advise from
+            raise RunError(f"the range test's workers ended without writing their result to {out_dir}")
         return result
     finally:
         fs, path = filesystem(out_dir)
