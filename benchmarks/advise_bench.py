@@ -66,12 +66,12 @@ def peak_per_worker(config: dict) -> int:
     built to the end of its second training step. On CPUs, the profiler's allocation and free
     events summed in time order (the peak within the second step); on a GPU, CUDA's allocator's
     own peak (`max_memory_allocated`)."""
-    import numpy as np
     import ray.train
     import ray.train.torch
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from raytrain_kit.advise import profiled_peak_bytes
     from raytrain_kit.config import build_experiment
     from raytrain_kit.data import spec_from_dict
     from raytrain_kit.loop import build_train_state
@@ -101,13 +101,7 @@ def peak_per_worker(config: dict) -> int:
         return int(torch.cuda.max_memory_allocated(device) - baseline)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         two_steps()
-    kineto = prof.profiler.kineto_results.events()
-    second = next(e for e in kineto if e.name() == "step1")
-    events = sorted(((e.start_ns(), e.nbytes()) for e in kineto
-                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU))
-    starts = np.array([t for t, _ in events], dtype=np.int64)
-    live = np.cumsum(np.array([n for _, n in events], dtype=np.int64))
-    return int(live[(starts >= second.start_ns()) & (starts <= second.end_ns())].max())
+    return profiled_peak_bytes(prof, "step1")
 
 
 def measured_peak(cfg, spec) -> int:

@@ -303,6 +303,19 @@ def plan_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch
     return round(per_row * micro_batch + fixed)
 
 
+def profiled_peak_bytes(prof, region: str) -> int:
+    """The highest running sum of the CPU tensor bytes allocated (less those freed) since
+    `prof` (a `torch.profiler.profile(profile_memory=True)`) started, within its
+    `record_function(region)`: a step's peak tensor memory, measured independently of the plan."""
+    kineto = prof.profiler.kineto_results.events()
+    inside = next(e for e in kineto if e.name() == region)
+    events = sorted((e.start_ns(), e.nbytes()) for e in kineto
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    starts = np.array([t for t, _ in events], dtype=np.int64)
+    live = np.cumsum(np.array([n for _, n in events], dtype=np.int64))
+    return int(live[(starts >= inside.start_ns()) & (starts <= inside.end_ns())].max())
+
+
 MEMORY_MARGIN = 0.8  # a plan fits when it needs at most this share of a worker's memory
 
 

@@ -56,8 +56,8 @@ def working_bytes(model: torch.nn.Module, cfg: Experiment, strategy: str) -> int
     fsdp/hsdp (FSDP2): the root's own parameters, gathered for the whole forward, and the largest
     block's three times (it, the next one prefetched, and its full gradients before the
     reduce-scatter), in bf16/fp16 bytes under those precisions (FSDP2 gathers in them); and once
-    more in fp32, the reduce-scatter's flat input. ddp: autograd computes each weight's gradient as a new tensor and then adds
-    it into the kept one (a gradient accumulated over micro-batches, or DDP's bucket that the
+    more in fp32, the reduce-scatter's flat input. ddp: autograd computes each weight's gradient
+    as a new tensor and then adds it into the kept one (a gradient accumulated over micro-batches, or DDP's bucket that the
     gradient views): one gradient of the largest parameter at a time; none for one worker
     without accumulation, whose gradients are the new tensors themselves."""
     def size(params) -> int:
@@ -308,9 +308,9 @@ def run_advise(cfg: Experiment, *, parts: Sequence[str] = PARTS, out_dir: Option
                log: Callable[[str], None] = lambda line: None) -> dict:
     """Measure, write advice.yaml and advice.png into `out_dir` (default: `<run.storage_path>/
     <run.name>_advice`), and return {"lr", "init", "memory" (those asked for), "patch",
-    "out_dir", "seconds" (since `started`, default now), "stages"}. Raises ConfigError (a model that does not build, resources the
-    cluster lacks, a range test that diverged at once), DataError (data that does not read) and
-    RunError (a worker of the range test failed)."""
+    "out_dir", "seconds" (since `started`, default now), "stages"}. Raises ConfigError (a model
+    that does not build, resources the cluster lacks, a range test that diverged at once),
+    DataError (data that does not read) and RunError (a worker of the range test failed)."""
     import yaml
 
     from raytrain_kit.cluster import connect

@@ -30,8 +30,8 @@ CHECK_EVERY = 10  # steps between divergence checks: each check is one all-reduc
 def range_test(state: TrainState, data, lrs: Sequence[float], *, check_every: int = CHECK_EVERY) -> list[float]:
     """Train up to `len(lrs)` steps, step i at learning rate `lrs[i]`, from the state's current
     weights; stop early (within `check_every` steps) once the loss diverged
-    (`advise.divergence_index`, smoothed as `advise.smoothing_for(len(lrs))`). `data`: `loop.InMemoryData` or `loop.StreamedData`, cycled
-    over epochs. Returns each step's loss over every worker's rows (one per step taken, at
+    (`advise.divergence_index`, smoothed as `advise.smoothing_for(len(lrs))`). `data`:
+    `loop.InMemoryData` or `loop.StreamedData`, cycled over epochs. Returns each step's loss over every worker's rows (one per step taken, at
     most len(lrs)); a step whose gradients were not finite ends the list with inf. Every rank
     must call it (the losses are all-reduced). The state is restored before it returns."""
     saved = _save(state)
@@ -50,7 +50,9 @@ def _train_at_rates(state: TrainState, data, lrs: np.ndarray, check_every: int) 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: float(lrs[min(step, len(lrs) - 1)]))
     batches, losses = _cycled(data, first_epoch=state.epoch), []
     while len(losses) < len(lrs):
-        chunk = itertools.islice(batches, min(check_every, len(lrs) - len(losses)) * cfg.train.grad_accum_steps)
+        chunk = list(itertools.islice(batches, min(check_every, len(lrs) - len(losses)) * cfg.train.grad_accum_steps))
+        if not chunk:
+            break  # no rows at all
         result = train_epoch(state.module, chunk, cfg=cfg, optimizer=optimizer, scheduler=scheduler,
                              penalty_model=state.model, nonfinite_budget=0, precision=state.precision,
                              scaler=state.scaler)
@@ -58,8 +60,6 @@ def _train_at_rates(state: TrainState, data, lrs: np.ndarray, check_every: int) 
         if result.stopped:  # gradients not finite: diverged (every rank decides alike on reduced gradients)
             losses.append(math.inf)
             break
-        if result.num_steps == 0 and not result.step_losses:
-            break  # no rows at all
         if divergence_index(losses, beta=smoothing_for(len(lrs))) is not None:
             break
     return losses[:len(lrs)]

@@ -338,6 +338,7 @@ def test_the_memory_plan_is_the_profilers_peak_of_a_step_with_accumulated_gradie
     before the model is built to the end of the second step, summed; its peak in that step."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from raytrain_kit.advise import profiled_peak_bytes
     from raytrain_kit.advisor import _memory_part
     from raytrain_kit.loop import build_train_state
     from raytrain_kit.steps import build_loss_fn, train_epoch
@@ -353,11 +354,7 @@ def test_the_memory_plan_is_the_profilers_peak_of_a_step_with_accumulated_gradie
             with record_function(f"step{step}"):
                 train_epoch(state.module, [(x[:64], y[:64]), (x[64:], y[64:])], cfg=cfg, optimizer=state.optimizer,
                             scheduler=state.scheduler, penalty_model=state.model)
-    kineto = prof.profiler.kineto_results.events()
-    second = next(e for e in kineto if e.name() == "step1")
-    events = sorted((e.start_ns(), e.nbytes()) for e in kineto if e.name() == "[memory]")
-    live = np.cumsum([n for _, n in events])
-    peak = max(v for (t, _), v in zip(events, live) if second.start_ns() <= t <= second.end_ns())
+    peak = profiled_peak_bytes(prof, "step1")
     plan = next(p for p in _memory_part(cfg, spec, x[:64], y[:64], build_loss_fn(classification=True), 1 << 40)["plans"]
                 if p["strategy"] == "ddp")
     assert plan["working_bytes"] == 512 * 512 * 4  # the largest weight's gradient
