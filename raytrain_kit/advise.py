@@ -332,26 +332,34 @@ class StrategyPlan:
     total_bytes: int
     fits: bool
     max_micro_batch: int  # the largest micro-batch that fits with the margin (0: none does)
+    # the peak while the worker builds its model, before any step: the whole model when it is
+    # built whole, or its shards and one module's full tensors when built on the meta device
+    build_bytes: int = 0
 
 
 def plan_strategies(state_bytes: dict[str, int], working_bytes: dict[str, int], *,
                     activations: dict[str, tuple[float, int]], micro_batch: int, available_bytes: int,
+                    build_bytes: Optional[dict[str, int]] = None,
                     margin: float = MEMORY_MARGIN) -> tuple[list[StrategyPlan], Optional[str]]:
     """Each strategy's `StrategyPlan` (in `state_bytes`' order) and the recommended one: the first
     that fits, so order them cheapest in communication first (ddp, hsdp, fsdp); None when none
     does (then `max_micro_batch` says how far to shrink the batch). `activations`: each
-    strategy's (bytes per row, fixed bytes) (`fit_activation_bytes`). `available_bytes`: the
-    memory of one worker (its share of the node's, or its GPU's)."""
+    strategy's (bytes per row, fixed bytes) (`fit_activation_bytes`). `build_bytes`: each
+    strategy's peak while building the model (`advisor.build_bytes`); a plan whose build does not
+    fit does not fit at any micro-batch. `available_bytes`: the memory of one worker (its share
+    of the node's, or its GPU's)."""
     budget = margin * available_bytes
     plans = []
     for strategy, state in state_bytes.items():
         working = working_bytes.get(strategy, 0)
+        build = (build_bytes or {}).get(strategy, 0)
         per_row, fixed = activations[strategy]
         activation = round(per_row * micro_batch + fixed)
         total = state + working + activation
-        room = budget - state - working - fixed
+        room = budget - state - working - fixed if build <= budget else 0
         most = int(room // per_row) if room > 0 and per_row > 0 else 0
-        plans.append(StrategyPlan(strategy, state, working, activation, total, total <= budget, max(most, 0)))
+        plans.append(StrategyPlan(strategy, state, working, activation, total, max(total, build) <= budget,
+                                  max(most, 0), build))
     recommended = next((p.strategy for p in plans if p.fits), None)
     return plans, recommended
 

@@ -29,10 +29,12 @@ import ray
 import torch
 
 from raytrain_kit.advise import (ADVICE_PNG, LrSuggestion, diagnose_inits, draw_advice, fit_activation_bytes,
-                                 plan_state_bytes, plan_strategies, range_test_lrs, smoothing_for, suggest_lr)
+                                 plan_state_bytes, plan_strategies, range_test_lrs, shard_numel, smoothing_for,
+                                 suggest_lr)
 from raytrain_kit.config import Experiment, build_experiment, with_overrides
 from raytrain_kit.data import DataSpec, read_block_ranges, spec_from_dict, spec_to_dict, split_for_workers
 from raytrain_kit.errors import ConfigError, RunError, traceback_text
+from raytrain_kit.materialize import build_on_meta
 from raytrain_kit.models import build_model
 from raytrain_kit.parallel import LOW_PRECISION, find_blocks
 from raytrain_kit.steps import build_loss_fn
@@ -75,6 +77,26 @@ def working_bytes(model: torch.nn.Module, cfg: Experiment, strategy: str) -> int
     return round(scale * (size(p for p in model.parameters() if id(p) not in in_blocks) + 3 * largest) + largest)
 
 
+def build_bytes(model: torch.nn.Module, cfg: Experiment, spec: DataSpec, strategy: str, *, num_shards: int) -> int:
+    """A worker's peak while it builds its model, before any step (`materialize.py`): ddp, the
+    whole model; fsdp/hsdp built on the meta device, its shards plus the largest module's full
+    tensors and its chunk of them (`distribute_tensor`'s copy); built whole first
+    (`scaling.meta_init: false`, or a model that cannot be built on the meta device), the whole
+    model plus the chunk `fully_shard` copies out of the largest module (each module's full
+    tensors are freed as its shards replace them). Measured: tests/test_materialize.py."""
+    def size(tensors, shards: int = 1) -> int:
+        return sum(shard_numel(t.shape, shards) * t.element_size() for t in tensors if t is not None)
+
+    whole = size(model.parameters())
+    if strategy == "ddp":
+        return whole
+    largest = max((size(m._parameters.values()) + size(m._buffers.values()) for m in model.modules()), default=0)
+    chunk = -(-largest // num_shards)
+    if cfg.scaling.meta_init and build_on_meta(cfg, spec)[1] is None:
+        return size(model.parameters(), num_shards) + largest + chunk
+    return whole + chunk
+
+
 def _init_part(cfg: Experiment, spec: DataSpec, inputs, targets, loss_fn) -> dict:
     def build(scheme: str) -> torch.nn.Module:
         return build_model(with_overrides(cfg, {"init.scheme": scheme}), spec).train()
@@ -92,9 +114,10 @@ def _memory_part(cfg: Experiment, spec: DataSpec, inputs, targets, loss_fn, avai
     shards = {"ddp": 1, "hsdp": min(cfg.scaling.shard_group_size or n, n), "fsdp": n}
     state = {s: plan_state_bytes(model, cfg, num_shards=shards[s]) for s in STRATEGY_ORDER}
     working = {s: working_bytes(model, cfg, s) for s in STRATEGY_ORDER}
+    build = {s: build_bytes(model, cfg, spec, s, num_shards=shards[s]) for s in STRATEGY_ORDER}
     activations = _activation_fits(model, cfg, inputs, targets, loss_fn)
     plans, recommended = plan_strategies(state, working, activations=activations, micro_batch=cfg.train.batch_size,
-                                         available_bytes=available_bytes)
+                                         available_bytes=available_bytes, build_bytes=build)
     return {"recommended": recommended, "available_bytes": available_bytes, "gpu": cfg.scaling.use_gpu,
             "micro_batch": cfg.train.batch_size, "num_workers": n,
             "activation_bytes_per_row": {s: a[0] for s, a in activations.items()}, "plans": [p.__dict__ for p in plans]}
@@ -406,12 +429,12 @@ def format_advice(result: dict) -> str:
         lines.append(f"memory per worker: {m['num_workers']} workers, micro-batch {m['micro_batch']}, "
                      f"{m['available_bytes'] / 2**30:.1f} GiB each{' (GPU memory)' if m.get('gpu') else ''} "
                      "(plans fit within 80%)")
-        lines.append(f"  {'strategy':<8} {'state':>10} {'working':>10} {'activations':>12} {'total':>10}  fits  "
-                     "largest micro-batch")
+        lines.append(f"  {'strategy':<8} {'state':>10} {'working':>10} {'activations':>12} {'total':>10} "
+                     f"{'building':>10}  fits  largest micro-batch")
         for p in m["plans"]:
             lines.append(f"  {p['strategy']:<8} {_mib(p['state_bytes'])} {_mib(p['working_bytes'])} "
-                         f"{_mib(p['activation_bytes']):>12} {_mib(p['total_bytes'])}  {'yes ' if p['fits'] else 'no  '}  "
-                         f"{p['max_micro_batch']:,}")
+                         f"{_mib(p['activation_bytes']):>12} {_mib(p['total_bytes'])} {_mib(p['build_bytes'])}  "
+                         f"{'yes ' if p['fits'] else 'no  '}  {p['max_micro_batch']:,}")
         lines.append(f"  recommended: {m['recommended'] or 'none fits: lower train.batch_size'}")
     sets = " ".join(f"--set {k}={v}" for k, v in result["patch"].items())
     lines.append(f"wrote {result['out_dir']}/{ADVICE_YAML}: {sets}")

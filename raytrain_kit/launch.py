@@ -34,6 +34,7 @@ from raytrain_kit.config import Experiment, to_yaml
 from raytrain_kit.data import DataSpec, build_datasets, describe_data, spec_to_dict, split_for_workers
 from raytrain_kit.errors import ConfigError, KitError, RunError, short_message, traceback_text
 from raytrain_kit.models import build_model
+from raytrain_kit.materialize import build_on_meta
 from raytrain_kit.parallel import check_blocks, is_sharded
 from raytrain_kit.preflight import run_preflight
 from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file  # noqa: F401 (re-exported)
@@ -422,11 +423,18 @@ class _OpenRun:
             self.on_epoch(metrics)
 
 
-def check_model_builds(cfg: Experiment, spec: DataSpec) -> None:
+def check_model_builds(cfg: Experiment, spec: DataSpec, *, log: Optional[Callable[[str], None]] = None) -> None:
     """Build the model once here: a bad custom target (or fsdp block names) fails as one
-    ConfigError line, instead of inside the preflight task or every worker."""
+    ConfigError line, instead of inside the preflight task or every worker. Under fsdp/hsdp with
+    `scaling.meta_init` it is built on the meta device (no memory: the driver need not hold a
+    model bigger than a worker); a model that cannot be gets `log`'s one-line warning."""
     try:
-        check_blocks(build_model(cfg, spec), cfg)
+        model = None
+        if is_sharded(cfg) and cfg.scaling.meta_init:
+            model, blocker = build_on_meta(cfg, spec)
+            if blocker and log is not None:
+                log(f"warning: scaling.meta_init: {blocker}; every worker builds the whole model, then shards it")
+        check_blocks(model if model is not None else build_model(cfg, spec), cfg)
     except KitError:
         raise
     except Exception as e:
@@ -466,7 +474,7 @@ def open_run(cfg: Experiment, *, resume: bool, datasets_and_spec: Optional[tuple
             log("resume: the data is transformed as the run's checkpoint was (its fitted preprocessing)")
     check_streaming_resources(cfg, datasets)
     startup["datasets_built"] = time.time()
-    check_model_builds(cfg, spec)
+    check_model_builds(cfg, spec, log=log)
     if cfg.preflight.enabled:
         report = run_preflight(cfg, datasets["train"], spec)  # raises PreflightError: no worker starts
         log(f"preflight: gradient check {report.status} ({report.num_parameters:,} parameters, "

@@ -36,7 +36,7 @@ from raytrain_kit import checkpoint as ckpt
 from raytrain_kit import parallel
 from raytrain_kit.config import Experiment
 from raytrain_kit.data import DataSpec, spec_to_dict
-from raytrain_kit.models import build_model
+from raytrain_kit.materialize import build_worker_model
 from raytrain_kit.optim import (build_optimizer, build_scheduler, current_lr, load_scheduler_state,
                                 scheduler_state)
 from raytrain_kit.steps import Batch, EpochResult, SyncTimer, evaluate, epoch_generator, global_step_losses, \
@@ -50,7 +50,7 @@ STEP_LOSSES = "step_losses"  # the mean loss of each optimizer step of the epoch
 REPORT_SEQ = "report_seq"
 # Metrics measured in time or memory, which two runs of the same config and seed never share.
 MEASURED = ("samples_per_s", "epoch_s", "data_s", "compute_s", "sync_s", "val_s", "wall_time", "state_mb",
-            "peak_rss_mb", "gpu_peak_mb")
+            "peak_rss_mb", "model_peak_rss_mb", "gpu_peak_mb")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,6 +80,9 @@ class TrainState:
     step_rows: list = field(default_factory=list)  # [epoch, step, train_loss] of every step this run took
     first_epoch: int = 1  # the first epoch this run trained: later than 1 for a clone of another run's checkpoint
     num_nonfinite: int = 0
+    # this process's peak resident memory once its model was built (sharded) and its optimizer
+    # made, before any step: what `scaling.meta_init` lowers
+    model_peak_rss: int = 0
     val_confusion: Optional[list] = None  # the last validation's confusion counts (classification)
     # Where the run is, for a failure record: the epoch and step being taken, the last epoch reported.
     position: dict = field(default_factory=lambda: {"epoch": None, "step": None, "reported": None})
@@ -99,10 +102,9 @@ def build_train_state(cfg: Experiment, spec: DataSpec, *, rank: int, world_size:
     and its optimizer and schedule. Each rank gets its own dropout stream (a restored checkpoint
     replaces it). Under fsdp/hsdp every rank must call this: sharding is collective."""
     torch.manual_seed(cfg.train.seed * 7919 + rank)
-    model = parallel.convert_sync_batchnorm(build_model(cfg, spec), cfg, world_size=world_size)
-    # DDP around it, or sharded in place; the optimizer comes after, since sharding replaces the
-    # parameters with DTensors.
-    module = parallel.wrap_model(model, cfg, world_size=world_size, device=device)
+    # DDP around it, or sharded in place (under fsdp/hsdp built on the meta device first); the
+    # optimizer comes after, since sharding replaces the parameters with DTensors.
+    model, module = build_worker_model(cfg, spec, world_size=world_size, device=device)
     rows_per_worker = spec.num_train_rows // world_size  # equal shards
     batches_per_epoch = max(1, math.ceil(rows_per_worker / cfg.train.batch_size))
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum_steps)
@@ -114,7 +116,7 @@ def build_train_state(cfg: Experiment, spec: DataSpec, *, rank: int, world_size:
                        module=module, optimizer=optimizer, scheduler=scheduler, batches_per_epoch=batches_per_epoch,
                        sync_timer=SyncTimer().register(module) if isinstance(module, DistributedDataParallel) else None,
                        precision=functools.partial(parallel.autocast, cfg, device),
-                       scaler=parallel.build_grad_scaler(cfg, device))
+                       scaler=parallel.build_grad_scaler(cfg, device), model_peak_rss=parallel.peak_rss_bytes())
     if position is not None:
         state.position = position
     return state
@@ -311,15 +313,16 @@ def validate(state: TrainState, data) -> dict[str, float]:
 
 
 def memory_metrics(state: TrainState) -> dict[str, float]:
-    """The largest worker's parameter + gradient + optimizer bytes (its shards under fsdp) and
-    peak resident memory, in MB; and its peak GPU memory on GPUs. One small all-reduce."""
-    figures = [parallel.state_bytes(state.model, state.optimizer), parallel.peak_rss_bytes()]
+    """The largest worker's parameter + gradient + optimizer bytes (its shards under fsdp), peak
+    resident memory once its model was built and overall, in MB; and its peak GPU memory on
+    GPUs. One small all-reduce."""
+    figures = [parallel.state_bytes(state.model, state.optimizer), parallel.peak_rss_bytes(), state.model_peak_rss]
     if state.device.type == "cuda":
         figures.append(torch.cuda.max_memory_allocated(state.device))
     t = torch.tensor(figures, dtype=torch.float64)
     if dist.is_available() and dist.is_initialized():
         t = parallel.all_reduce_figures(t, op=dist.ReduceOp.MAX)
-    names = ("state_mb", "peak_rss_mb", "gpu_peak_mb")
+    names = ("state_mb", "peak_rss_mb", "model_peak_rss_mb", "gpu_peak_mb")
     return {name: round(v / 2**20, 4) for name, v in zip(names, t.tolist())}
 
 

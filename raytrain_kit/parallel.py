@@ -83,9 +83,16 @@ def wrap_model(model: nn.Module, cfg: Experiment, *, world_size: int, device: to
         # than `advise.plan_state_bytes` (measured: benchmarks/advise_bench.py).
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                        gradient_as_bucket_view=True)
+    return shard_model(model, cfg, world_size=world_size, device_type=device.type)
+
+
+def shard_model(model: nn.Module, cfg: Experiment, *, world_size: int, device_type: str) -> nn.Module:
+    """FSDP2's `fully_shard` on each block (`find_blocks`), then on the root, in place: parameters
+    become DTensors sharded along dim 0 over the run's mesh (on whatever device they are,
+    the meta device included: see `materialize.py`). A collective: every rank calls it."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = build_mesh(cfg, world_size=world_size, device_type=device.type)
+    mesh = build_mesh(cfg, world_size=world_size, device_type=device_type)
     low = LOW_PRECISION.get(cfg.train.precision)
     # Outputs come back in fp32 so the loss is computed as in fp32 training.
     policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32 if low else None,

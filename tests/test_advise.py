@@ -11,7 +11,7 @@ from torch import nn
 
 from raytrain_kit.advise import (diagnose_inits, judge_propagation, propagation_stats, range_test_lrs, smooth_losses,
                                  suggest_lr)
-from raytrain_kit.config import build_experiment
+from raytrain_kit.config import build_experiment, with_overrides
 from raytrain_kit.data import DataSpec
 from raytrain_kit.data.sources import digits_arrays
 from raytrain_kit.models import build_model
@@ -249,6 +249,33 @@ def test_the_strategy_plan_recommends_the_cheapest_that_fits_and_the_batch_that_
     assert by_name["ddp"].max_micro_batch == int((0.8 * 16 * gib - 12 * gib) // 2**20) == 819
     _, none = plan_strategies(state, working, activations=activations, micro_batch=1024, available_bytes=2 * gib)
     assert none is None
+    # A model built whole on every worker before it is sharded (scaling.meta_init: false, or a
+    # custom model that cannot be built on the meta device) needs all of it at the start: 14 GiB
+    # does not fit 80% of 16 whatever the micro-batch, so fsdp is recommended instead.
+    build = {"ddp": 3 * gib, "hsdp": 14 * gib, "fsdp": 3 * gib // 4}
+    plans, recommended = plan_strategies(state, working, activations=activations, micro_batch=1024,
+                                         available_bytes=16 * gib, build_bytes=build)
+    by_name = {p.strategy: p for p in plans}
+    assert recommended == "fsdp" and by_name["hsdp"].build_bytes == 14 * gib
+    assert not by_name["hsdp"].fits and by_name["hsdp"].max_micro_batch == 0
+
+
+def test_the_build_peak_is_the_whole_model_or_a_shard_and_one_module():
+    from raytrain_kit.advisor import build_bytes
+
+    spec = DataSpec(num_features=64, num_classes=12, input_shape=(64,), num_train_rows=100, num_val_rows=10)
+    cfg = build_experiment({"model": {"kind": "mlp", "hidden": [256, 128]},
+                            "scaling": {"num_workers": 4, "strategy": "fsdp"}})
+    model = build_model(cfg, spec)
+    whole = (64 * 256 + 256 + 256 * 128 + 128 + 128 * 12 + 12) * 4  # every dim 0 divides by 4: even shards
+    largest = (256 * 128 + 128) * 4
+    assert build_bytes(model, cfg, spec, "ddp", num_shards=1) == whole
+    # built on the meta device: the worker's quarter, plus one module's full tensors and its chunk of them
+    assert build_bytes(model, cfg, spec, "fsdp", num_shards=4) == whole // 4 + largest + largest // 4
+    # built whole, then sharded: the model, and the quarter fully_shard copies out of a module
+    # before its full tensors go
+    whole_first = with_overrides(cfg, {"scaling.meta_init": False})
+    assert build_bytes(model, whole_first, spec, "fsdp", num_shards=4) == whole + largest // 4
 
 
 def test_advice_png_draws_the_range_test_and_the_propagation(tmp_path):

@@ -65,3 +65,62 @@ class BatchNormMLP(nn.Module):
 
 def build_batchnorm_mlp(spec, **kwargs) -> nn.Module:
     return BatchNormMLP(spec, **kwargs)
+
+
+class Scale(nn.Module):
+    """A learned per-feature scale drawn at construction (a 1-dim, non-bias parameter that the
+    kit's init schemes leave as built), re-created by `reset_parameters` as torch's layers are."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.empty(width))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.scale, 0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def build_scaled_mlp(spec, hidden: int = 24) -> nn.Module:
+    """Builds on the meta device: every tensor-holding module has reset_parameters."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(spec.num_features, hidden), nn.BatchNorm1d(hidden), Scale(hidden),
+                         nn.ReLU(), nn.Linear(hidden, spec.num_outputs))
+
+
+class RawWeight(nn.Module):
+    """Draws its weight in the constructor and has no reset_parameters: cannot be re-created."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+def build_raw_weight_mlp(spec, hidden: int = 8) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(spec.num_features, hidden), RawWeight(hidden),
+                         nn.Linear(hidden, spec.num_outputs))
+
+
+def build_cpu_pinned_mlp(spec, hidden: int = 8) -> nn.Module:
+    """Creates its first layer's weight explicitly on the CPU, whatever the default device."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(spec.num_features, hidden), nn.Linear(hidden, spec.num_outputs))
+    model[1].weight = nn.Parameter(torch.zeros(hidden, spec.num_features, device="cpu"))
+    return model
+
+
+def build_tied_mlp(spec, hidden: int = 8) -> nn.Module:
+    """Two layers sharing one weight."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(spec.num_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
+                          nn.ReLU(), nn.Linear(hidden, hidden), nn.Linear(hidden, spec.num_outputs))
+    model[5].weight = model[3].weight
+    return model
+
+
+def build_data_dependent_mlp(spec, hidden: int = 8) -> nn.Module:
+    """Reads a tensor's value while building (meta tensors have none)."""
+    width = int(torch.tensor(float(hidden)).item())
+    return nn.Sequential(nn.Flatten(), nn.Linear(spec.num_features, width), nn.Linear(width, spec.num_outputs))
