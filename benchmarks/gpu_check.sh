@@ -3,7 +3,8 @@
 # machine's GPUs under ddp and fsdp, each in fp32, bf16 and fp16, and prints one line per run
 # (final validation accuracy, samples/s, per-worker state and peak GPU memory), then `predict --gpu`
 # on the fsdp run's checkpoint, then advise's memory plan against each GPU worker's measured peak
-# (benchmarks/advise_bench.py --gpu), then a BatchNorm model with model.sync_batchnorm under ddp. Skips, with a
+# (benchmarks/advise_bench.py --gpu), then a BatchNorm model with model.sync_batchnorm under ddp; between them,
+# fsdp built whole against built on the meta device, and activation checkpointing. Skips, with a
 # message and exit code 0, on a machine without GPUs. Run from the repository root:
 #
 #     bash benchmarks/gpu_check.sh [NUM_WORKERS]     # default: every GPU, at most 2
@@ -42,6 +43,35 @@ print(f"gpu_check: {sys.argv[2]:<10} {s['status']}  val_accuracy {m['val_accurac
       f"GPU peak {m.get('gpu_peak_mb', float('nan')):,.0f} MB/worker")
 PY
     done
+done
+
+# Models bigger than a worker (issue #23): fsdp built whole before sharding (the runs above are
+# built on the meta device: the default), and activation checkpointing under ddp and fsdp; each
+# must train as the run it varies (the same initial weights, the same maths).
+for variant in "fsdp_fp32_built_whole fsdp fp32 scaling.meta_init=false" \
+               "ddp_fp32_checkpointing ddp fp32 train.activation_checkpointing=true" \
+               "fsdp_bf16_checkpointing fsdp bf16 train.activation_checkpointing=true"; do
+    read -r name strategy precision setting <<< "$variant"
+    if ! "$PYTHON" -m raytrain_kit train jobs/fsdp_mlp.yaml --quiet \
+            --set run.name="$name" --set run.storage_path="$storage" \
+            --set scaling.use_gpu=true --set scaling.num_workers="$workers" \
+            --set scaling.strategy="$strategy" --set train.precision="$precision" --set "$setting" \
+            --set data.num_rows=8000 --set train.epochs=3 --set schedule.warmup_steps=5 \
+            > "$storage/$name.log" 2>&1; then
+        echo "gpu_check: $name FAILED:"; tail -20 "$storage/$name.log"; failed=1; continue
+    fi
+    "$PYTHON" - "$storage" "$name" "${strategy}_${precision}" <<'PY' || failed=1
+import json, sys
+storage, name, base = sys.argv[1:]
+mine, theirs = (json.load(open(f"{storage}/{n}/summary.json"))["history"] for n in (name, base))
+# the first epoch's training loss: the same initial weights and steps give the same figure
+a, b = mine[0]["train_loss"], theirs[0]["train_loss"]
+ok = abs(a - b) <= (2e-2 if "bf16" in base else 1e-4) * abs(b)
+print(f"gpu_check: {name:<24} {'ok' if ok else 'FAILED'}  epoch-1 train_loss {a:.6f} vs {base}'s {b:.6f}  "
+      f"val_accuracy {mine[-1]['val_accuracy']:.4f}  GPU peak {mine[-1].get('gpu_peak_mb', float('nan')):,.0f} MB/worker "
+      f"({theirs[-1].get('gpu_peak_mb', float('nan')):,.0f})")
+sys.exit(0 if ok else 1)
+PY
 done
 
 # `predict --gpu` on the fsdp fp32 run's validation rows (sharded checkpoint, one GPU per actor):

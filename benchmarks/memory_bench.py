@@ -9,8 +9,11 @@ Per worker (the larger of the two; FSDP2 shards evenly): the bytes of parameters
 optimizer state it holds, counted from its local tensors and shards (the kit's `state_mb`), the
 peak resident memory of its process once the model is built, before the first step
 (`model_peak_rss_mb`), and over the epoch (`peak_rss_mb`); each fsdp row's figures as a ratio of
-ddp's. Writes benchmarks/results/memory.json: one entry per row in `rows`, with its
-`num_parameters` and `peak_rss_ratio` (fsdp over ddp, same model).
+ddp's. Then activation checkpointing (`train.activation_checkpointing`), in one process on the
+kit's own training step: the profiler's peak of a step's tensors with and without it, the part of
+it that is activations, the step time, the losses. Writes benchmarks/results/memory.json: one
+entry per row in `rows`, with its `num_parameters` and `peak_rss_ratio` (fsdp over ddp, same
+model), and `activation_checkpointing`.
 
     python benchmarks/memory_bench.py [--quick]   # --quick: 3.2M and 13M parameters, a smoke run
 """
@@ -84,6 +87,74 @@ def measure(quick: bool) -> list[dict]:
     return rows
 
 
+# Activation checkpointing, measured in one process on the kit's own training step: (name, model, input features)
+CHECKPOINTING = [("mlp 8 x 1024, gelu, dropout", {"kind": "mlp", "hidden": [1024] * 8, "activation": "gelu", "dropout": 0.1}, 256),
+                 ("digits cnn (jobs/digits.yaml)", {"kind": "cnn", "channels": [32, 64], "hidden": [128], "dropout": 0.2}, None)]
+CHECKPOINTING_BATCH, CHECKPOINTING_STEPS = 512, 5
+
+
+def checkpointing_rows(quick: bool) -> list[dict]:
+    """Per model: the profiler's peak of the tensors one training step allocates (forward,
+    backward, clipping and AdamW's update; the weights and AdamW's moments were there before),
+    and that peak less the step's gradients (the activations), with and without
+    `train.activation_checkpointing`; the mean step time of each; the losses of both (equal)."""
+    import torch
+
+    from raytrain_kit.advise import profiled_peak_bytes
+    from raytrain_kit.config import build_experiment
+    from raytrain_kit.data import DataSpec
+    from raytrain_kit.loop import build_train_state
+    from raytrain_kit.steps import in_memory_batches, train_epoch
+
+    rows = []
+    batch = CHECKPOINTING_BATCH // (8 if quick else 1)
+    for name, model, features in CHECKPOINTING:
+        shape = (features,) if features else (1, 8, 8)
+        spec = DataSpec(num_features=features or 64, num_classes=10, input_shape=shape, num_train_rows=batch,
+                        num_val_rows=1)
+        x = torch.randn(batch * CHECKPOINTING_STEPS, *shape, generator=torch.Generator().manual_seed(0))
+        y = torch.randint(0, 10, (len(x),), generator=torch.Generator().manual_seed(1))
+        row = {"model": name, "batch": batch}
+        for on in (False, True):
+            cfg = build_experiment({"model": model, "optim": {"name": "adamw", "lr": 1e-3},
+                                    "regularization": {"grad_clip_norm": 1.0},
+                                    "train": {"batch_size": batch, "activation_checkpointing": on}})
+            state = build_train_state(cfg, spec, rank=0, world_size=1, device=torch.device("cpu"))
+            kw = dict(cfg=cfg, optimizer=state.optimizer, penalty_model=state.model, precision=state.precision)
+            train_epoch(state.module, in_memory_batches(x[:batch], y[:batch], batch_size=batch), **kw)  # optimizer state made
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+                with torch.profiler.record_function("step"):
+                    train_epoch(state.module, in_memory_batches(x[:batch], y[:batch], batch_size=batch), **kw)
+            started = time.perf_counter()
+            result = train_epoch(state.module, in_memory_batches(x, y, batch_size=batch), **kw)
+            key = "checkpointed" if on else "plain"
+            # the step's fresh gradients (set to None between steps) are in its peak: the rest is activations
+            gradients_mb = sum(p.numel() * p.element_size() for p in state.model.parameters()) / 2**20
+            row[key] = {"step_peak_mb": profiled_peak_bytes(prof, "step") / 2**20, "gradients_mb": gradients_mb,
+                        "activations_mb": profiled_peak_bytes(prof, "step") / 2**20 - gradients_mb,
+                        "step_s": (time.perf_counter() - started) / CHECKPOINTING_STEPS,
+                        "losses": [loss / n for loss, n in result.step_losses]}
+        row["peak_ratio"] = row["checkpointed"]["step_peak_mb"] / row["plain"]["step_peak_mb"]
+        row["activation_ratio"] = row["checkpointed"]["activations_mb"] / row["plain"]["activations_mb"]
+        row["time_ratio"] = row["checkpointed"]["step_s"] / row["plain"]["step_s"]
+        row["largest_loss_difference"] = max(abs(a - b) / abs(b) for a, b in
+                                             zip(row["checkpointed"]["losses"], row["plain"]["losses"]))
+        rows.append(row)
+    return rows
+
+
+def checkpointing_table(rows: list[dict]) -> str:
+    lines = ["| model, batch | step peak: plain | checkpointed | of which activations: plain | checkpointed | "
+             "activations ratio | step time ratio | largest relative loss difference |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        plain, ckpt = r["plain"], r["checkpointed"]
+        lines.append(f"| {r['model']}, {r['batch']} | {plain['step_peak_mb']:,.1f} MB | {ckpt['step_peak_mb']:,.1f} MB | "
+                     f"{plain['activations_mb']:,.1f} MB | {ckpt['activations_mb']:,.1f} MB | {r['activation_ratio']:.3f} | "
+                     f"{r['time_ratio']:.2f}x | {r['largest_loss_difference']:.1e} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small MLPs: checks that the benchmark runs")
@@ -98,6 +169,7 @@ def main(argv=None) -> int:
     connect()
     started = time.perf_counter()
     rows = measure(args.quick)
+    checkpointing = checkpointing_rows(args.quick)
     small = {r["strategy"]: r for r in rows if r["model"] == "small"}
     large_meta = next(r for r in rows if r["model"] == "large" and r["meta_init"])
     # What the counts should be: fp32 parameters, gradients and AdamW's two moments, 4 x 4 bytes.
@@ -109,6 +181,7 @@ def main(argv=None) -> int:
               "parameters": small["ddp"]["num_parameters"], "ddp": small["ddp"], "fsdp": small["fsdp"],
               "ratio": small["fsdp"]["ratio"], "goal": GOAL, "expected_ddp_state_mb": expected_ddp_mb,
               "large_peak_rss_ratio": large_meta["peak_rss_ratio"], "large_goal": LARGE_GOAL,
+              "activation_checkpointing": checkpointing,
               "seconds": time.perf_counter() - started}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory.json").write_text(json.dumps(result, indent=1))
@@ -117,6 +190,8 @@ def main(argv=None) -> int:
     print(f"\n(ddp's state for the {small['ddp']['num_parameters']:,}-parameter MLP should be {expected_ddp_mb:,.1f} MB: "
           f"4 fp32 tensors per parameter)")
     print(f"goals: state fsdp/ddp <= {GOAL}; peak RSS of the large model under fsdp with meta init / ddp <= {LARGE_GOAL}")
+    print(f"\nActivation checkpointing, one process, the kit's own training step ({CHECKPOINTING_STEPS} steps timed)\n")
+    print(checkpointing_table(checkpointing))
     print(f"wrote {args.out / 'memory.json'} in {result['seconds']:.0f} s")
     return 0
 

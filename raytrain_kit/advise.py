@@ -281,17 +281,40 @@ def saved_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torc
     return sum(saved.values())
 
 
+def profiled_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> int:
+    """The peak of the tensor bytes one forward and backward pass hold beyond the parameters and
+    their gradients (allocated before, so not counted), by PyTorch's profiler
+    (`profiled_peak_bytes`). For a model under activation checkpointing (`recompute.py`), whose
+    peak comes in the backward, while a region is recomputed beside the gradients flowing through
+    it, rather than from what the forward saved: `saved_activation_bytes` cannot see it."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    for p in trained:
+        p.grad = torch.zeros_like(p)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with record_function("forward and backward"):
+            loss_fn(model(inputs), targets).backward()
+    for p in trained:
+        p.grad = None
+    return profiled_peak_bytes(prof, "forward and backward")
+
+
 def fit_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[float, int]:
+                         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+                         profiled: bool = False) -> tuple[float, int]:
     """(bytes per row, fixed bytes) of the activations, from two measured passes on the first
     half of `inputs` and on all of it: saved bytes are a per-row part and a fixed part (a loss's
-    scalars). `inputs`: at least 2 rows, with `targets` to match. Raises ValueError with fewer."""
+    scalars). `profiled`: measured by `profiled_activation_bytes` (a model under activation
+    checkpointing) instead of `saved_activation_bytes`. `inputs`: at least 2 rows, with
+    `targets` to match. Raises ValueError with fewer."""
     rows = len(inputs)
     if rows < 2:
         raise ValueError("measuring activations needs a batch of 2 rows or more")
     half = rows // 2
-    small = saved_activation_bytes(model, inputs[:half], targets[:half], loss_fn)
-    full = saved_activation_bytes(model, inputs, targets, loss_fn)
+    measure = profiled_activation_bytes if profiled else saved_activation_bytes
+    small, full = measure(model, inputs[:half], targets[:half], loss_fn), measure(model, inputs, targets, loss_fn)
     per_row = (full - small) / (rows - half)
     return per_row, max(round(small - per_row * half), 0)
 

@@ -37,6 +37,7 @@ from raytrain_kit.errors import ConfigError, RunError, traceback_text
 from raytrain_kit.materialize import build_on_meta
 from raytrain_kit.models import build_model
 from raytrain_kit.parallel import LOW_PRECISION, find_blocks
+from raytrain_kit.recompute import apply_activation_checkpointing
 from raytrain_kit.steps import build_loss_fn
 
 PARTS = ("lr", "init", "memory")
@@ -128,14 +129,19 @@ def _activation_fits(model, cfg: Experiment, inputs, targets, loss_fn) -> dict[s
     for all. bf16/fp16: ddp's under autocast (which also keeps the weights' cast copies for the
     backward: a fixed part), the sharded ones' on the model cast to that type, as FSDP2's
     policy computes (its gathered weights are the working bytes)."""
+    # Under train.activation_checkpointing: the model recomputing its regions, its peak profiled
+    recomputing = cfg.train.activation_checkpointing
+    if recomputing:
+        model = apply_activation_checkpointing(copy.deepcopy(model), cfg)
     low = LOW_PRECISION.get(cfg.train.precision)
     if low is None:
-        fit = fit_activation_bytes(model, inputs, targets, loss_fn)
+        fit = fit_activation_bytes(model, inputs, targets, loss_fn, profiled=recomputing)
         return {s: fit for s in STRATEGY_ORDER}
     with torch.autocast("cpu", dtype=low):
-        ddp = fit_activation_bytes(model, inputs, targets, loss_fn)
+        ddp = fit_activation_bytes(model, inputs, targets, loss_fn, profiled=recomputing)
     cast = copy.deepcopy(model).to(low)
-    sharded = fit_activation_bytes(cast, inputs.to(low), targets, lambda outputs, y: loss_fn(outputs.float(), y))
+    sharded = fit_activation_bytes(cast, inputs.to(low), targets, lambda outputs, y: loss_fn(outputs.float(), y),
+                                   profiled=recomputing)
     return {s: ddp if s == "ddp" else sharded for s in STRATEGY_ORDER}
 
 

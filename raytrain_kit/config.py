@@ -201,6 +201,8 @@ class TrainConfig(_Section):
     """Arithmetic of forward and backward: fp32; bf16 autocast (CPU and GPU; under fsdp/hsdp parameters are gathered in bf16, gradients reduced in fp32); fp16 with a gradient scaler (GPU only). Weights and optimizer state stay fp32."""
     grad_accum_steps: int = Field(default=1, ge=1)
     """Micro-batches of batch_size accumulated into each optimizer step; gradients are synchronised only on the last one. Schedules count optimizer steps."""
+    activation_checkpointing: bool = False
+    """Keep only each block's input in the forward pass and recompute the rest in the backward (torch.utils.checkpoint, non-reentrant): less activation memory for about one more forward per step, the same losses. Blocks: mlp and cnn, each Linear/Conv2d layer with the layers after it that hold no parameters (activation, dropout, pooling); rnn, the recurrent layer and the head; custom models, the modules named in scaling.fsdp_blocks (required)."""
 
 
 class ScalingConfig(_Section):
@@ -211,7 +213,7 @@ class ScalingConfig(_Section):
     shard_group_size: Optional[int] = Field(default=None, ge=1)
     """hsdp: workers per shard group (typically the workers of one node); must divide num_workers."""
     fsdp_blocks: Optional[list[str]] = None
-    """fsdp/hsdp: class names of the modules sharded as one unit each (gathered just before use, freed after). Default: Linear, Conv2d and recurrent layers for mlp/cnn/rnn; for custom models only the whole model unless given."""
+    """fsdp/hsdp: class names of the modules sharded as one unit each (gathered just before use, freed after); with train.activation_checkpointing, also the modules recomputed as one unit each. Default: Linear, Conv2d and recurrent layers for mlp/cnn/rnn; for custom models only the whole model unless given."""
     meta_init: bool = True
     """fsdp/hsdp: build the model on PyTorch's meta device (shapes only), shard it, then create each worker's shards one module at a time, with the values one process builds from train.seed (bit for bit): a worker never holds the whole model, only its shards and one module's full weights. false: every worker builds the whole model first and then shards it. A custom model that cannot be built this way falls back with a warning."""
     use_gpu: bool = False
@@ -509,8 +511,12 @@ def _scaling_problems(cfg: "Experiment") -> list[str]:
                             f"({s.num_workers}); hsdp needs equal shard groups")
     elif s.shard_group_size is not None:
         problems.append(f"scaling.shard_group_size: only used with strategy hsdp (strategy is {s.strategy!r})")
-    if s.fsdp_blocks is not None and s.strategy == "ddp":
-        problems.append("scaling.fsdp_blocks: only used with strategy fsdp or hsdp (strategy is 'ddp')")
+    if s.fsdp_blocks is not None and s.strategy == "ddp" and not t.activation_checkpointing:
+        problems.append("scaling.fsdp_blocks: only used with strategy fsdp or hsdp, or with "
+                        "train.activation_checkpointing (strategy is 'ddp')")
+    if t.activation_checkpointing and cfg.model.kind == "custom" and s.fsdp_blocks is None:
+        problems.append("train.activation_checkpointing: a custom model's blocks are not known; name their "
+                        "classes in scaling.fsdp_blocks (e.g. [TransformerBlock])")
     if cfg.model.sync_batchnorm and not s.use_gpu:
         problems.append("model.sync_batchnorm: torch's SyncBatchNorm runs on GPUs only (scaling.use_gpu: true); "
                         "on CPU leave it false (every worker still evaluates the checkpoint's statistics)")

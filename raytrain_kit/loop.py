@@ -39,6 +39,7 @@ from raytrain_kit.data import DataSpec, spec_to_dict
 from raytrain_kit.materialize import build_worker_model
 from raytrain_kit.optim import (build_optimizer, build_scheduler, current_lr, load_scheduler_state,
                                 scheduler_state)
+from raytrain_kit.recompute import apply_activation_checkpointing
 from raytrain_kit.steps import Batch, EpochResult, SyncTimer, evaluate, epoch_generator, global_step_losses, \
     in_memory_batches, train_epoch
 from raytrain_kit.tracking import HISTOGRAMS, histogram_epoch, layer_histograms
@@ -105,6 +106,7 @@ def build_train_state(cfg: Experiment, spec: DataSpec, *, rank: int, world_size:
     # DDP around it, or sharded in place (under fsdp/hsdp built on the meta device first); the
     # optimizer comes after, since sharding replaces the parameters with DTensors.
     model, module = build_worker_model(cfg, spec, world_size=world_size, device=device)
+    apply_activation_checkpointing(model, cfg)
     rows_per_worker = spec.num_train_rows // world_size  # equal shards
     batches_per_epoch = max(1, math.ceil(rows_per_worker / cfg.train.batch_size))
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.train.grad_accum_steps)

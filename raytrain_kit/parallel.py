@@ -48,7 +48,7 @@ def find_blocks(model: nn.Module, cfg: Experiment) -> list[nn.Module]:
 
 def check_blocks(model: nn.Module, cfg: Experiment) -> None:
     """A name in `scaling.fsdp_blocks` that matches no module is a typo: say so before launch."""
-    if not is_sharded(cfg) or cfg.scaling.fsdp_blocks is None:
+    if cfg.scaling.fsdp_blocks is None or not (is_sharded(cfg) or cfg.train.activation_checkpointing):
         return
     present = sorted({type(m).__name__ for m in model.modules()})
     missing = [n for n in cfg.scaling.fsdp_blocks if n not in present]
