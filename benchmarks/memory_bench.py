@@ -10,8 +10,8 @@ optimizer state it holds, counted from its local tensors and shards (the kit's `
 peak resident memory of its process once the model is built, before the first step
 (`model_peak_rss_mb`), and over the epoch (`peak_rss_mb`); each fsdp row's figures as a ratio of
 ddp's. Then activation checkpointing (`train.activation_checkpointing`), in one process on the
-kit's own training step: the profiler's peak of a step's tensors with and without it, the part of
-it that is activations, the step time, the losses. Writes benchmarks/results/memory.json: one
+kit's own model and training step: a step's activations (the profiler's peak) with and without
+it, the step time, the losses. Writes benchmarks/results/memory.json: one
 entry per row in `rows`, with its `num_parameters` and `peak_rss_ratio` (fsdp over ddp, same
 model), and `activation_checkpointing`.
 
@@ -87,32 +87,34 @@ def measure(quick: bool) -> list[dict]:
     return rows
 
 
-# Activation checkpointing, measured in one process on the kit's own training step: (name, model, input features)
+# Activation checkpointing, measured in one process on the kit's own model and training step:
+# (name, model, input features; None: digits' 8 x 8 images)
 CHECKPOINTING = [("mlp 8 x 1024, gelu, dropout", {"kind": "mlp", "hidden": [1024] * 8, "activation": "gelu", "dropout": 0.1}, 256),
                  ("digits cnn (jobs/digits.yaml)", {"kind": "cnn", "channels": [32, 64], "hidden": [128], "dropout": 0.2}, None)]
-CHECKPOINTING_BATCH, CHECKPOINTING_STEPS = 512, 5
+CHECKPOINTING_BATCH, CHECKPOINTING_STEPS = 512, 20
 
 
 def checkpointing_rows(quick: bool) -> list[dict]:
-    """Per model: the profiler's peak of the tensors one training step allocates (forward,
-    backward, clipping and AdamW's update; the weights and AdamW's moments were there before),
-    and that peak less the step's gradients (the activations), with and without
-    `train.activation_checkpointing`; the mean step time of each; the losses of both (equal)."""
+    """Per model, with and without `train.activation_checkpointing`: the activations of a step
+    (the profiler's peak of the tensors a forward and backward pass allocate, the weights and
+    their gradients allocated before: `advise.profiled_activation_bytes`), the mean time of the
+    kit's training step (`steps.train_epoch`: forward, backward, clipping, AdamW) over
+    `CHECKPOINTING_STEPS` steps after one, and their losses (equal)."""
     import torch
 
-    from raytrain_kit.advise import profiled_peak_bytes
+    from raytrain_kit.advise import profiled_activation_bytes
     from raytrain_kit.config import build_experiment
     from raytrain_kit.data import DataSpec
     from raytrain_kit.loop import build_train_state
     from raytrain_kit.steps import in_memory_batches, train_epoch
 
     rows = []
-    batch = CHECKPOINTING_BATCH // (8 if quick else 1)
+    batch, num_steps = (CHECKPOINTING_BATCH // 8, 3) if quick else (CHECKPOINTING_BATCH, CHECKPOINTING_STEPS)
     for name, model, features in CHECKPOINTING:
         shape = (features,) if features else (1, 8, 8)
         spec = DataSpec(num_features=features or 64, num_classes=10, input_shape=shape, num_train_rows=batch,
                         num_val_rows=1)
-        x = torch.randn(batch * CHECKPOINTING_STEPS, *shape, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(batch * (num_steps + 1), *shape, generator=torch.Generator().manual_seed(0))
         y = torch.randint(0, 10, (len(x),), generator=torch.Generator().manual_seed(1))
         row = {"model": name, "batch": batch}
         for on in (False, True):
@@ -120,21 +122,14 @@ def checkpointing_rows(quick: bool) -> list[dict]:
                                     "regularization": {"grad_clip_norm": 1.0},
                                     "train": {"batch_size": batch, "activation_checkpointing": on}})
             state = build_train_state(cfg, spec, rank=0, world_size=1, device=torch.device("cpu"))
+            activations = profiled_activation_bytes(state.module, x[:batch], y[:batch], torch.nn.functional.cross_entropy)
             kw = dict(cfg=cfg, optimizer=state.optimizer, penalty_model=state.model, precision=state.precision)
-            train_epoch(state.module, in_memory_batches(x[:batch], y[:batch], batch_size=batch), **kw)  # optimizer state made
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-                with torch.profiler.record_function("step"):
-                    train_epoch(state.module, in_memory_batches(x[:batch], y[:batch], batch_size=batch), **kw)
+            train_epoch(state.module, in_memory_batches(x[:batch], y[:batch], batch_size=batch), **kw)  # warm-up
             started = time.perf_counter()
-            result = train_epoch(state.module, in_memory_batches(x, y, batch_size=batch), **kw)
-            key = "checkpointed" if on else "plain"
-            # the step's fresh gradients (set to None between steps) are in its peak: the rest is activations
-            gradients_mb = sum(p.numel() * p.element_size() for p in state.model.parameters()) / 2**20
-            row[key] = {"step_peak_mb": profiled_peak_bytes(prof, "step") / 2**20, "gradients_mb": gradients_mb,
-                        "activations_mb": profiled_peak_bytes(prof, "step") / 2**20 - gradients_mb,
-                        "step_s": (time.perf_counter() - started) / CHECKPOINTING_STEPS,
-                        "losses": [loss / n for loss, n in result.step_losses]}
-        row["peak_ratio"] = row["checkpointed"]["step_peak_mb"] / row["plain"]["step_peak_mb"]
+            result = train_epoch(state.module, in_memory_batches(x[batch:], y[batch:], batch_size=batch), **kw)
+            row["checkpointed" if on else "plain"] = {
+                "activations_mb": activations / 2**20, "step_s": (time.perf_counter() - started) / num_steps,
+                "losses": [loss / n for loss, n in result.step_losses]}
         row["activation_ratio"] = row["checkpointed"]["activations_mb"] / row["plain"]["activations_mb"]
         row["time_ratio"] = row["checkpointed"]["step_s"] / row["plain"]["step_s"]
         row["largest_loss_difference"] = max(abs(a - b) / abs(b) for a, b in
@@ -144,13 +139,11 @@ def checkpointing_rows(quick: bool) -> list[dict]:
 
 
 def checkpointing_table(rows: list[dict]) -> str:
-    lines = ["| model, batch | step peak: plain | checkpointed | of which activations: plain | checkpointed | "
-             "activations ratio | step time ratio | largest relative loss difference |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model, batch | activations: plain | checkpointed | ratio | step time ratio | "
+             "largest relative loss difference |", "|---|---|---|---|---|---|"]
     for r in rows:
-        plain, ckpt = r["plain"], r["checkpointed"]
-        lines.append(f"| {r['model']}, {r['batch']} | {plain['step_peak_mb']:,.1f} MB | {ckpt['step_peak_mb']:,.1f} MB | "
-                     f"{plain['activations_mb']:,.1f} MB | {ckpt['activations_mb']:,.1f} MB | {r['activation_ratio']:.3f} | "
+        lines.append(f"| {r['model']}, {r['batch']} | {r['plain']['activations_mb']:,.1f} MB | "
+                     f"{r['checkpointed']['activations_mb']:,.1f} MB | {r['activation_ratio']:.3f} | "
                      f"{r['time_ratio']:.2f}x | {r['largest_loss_difference']:.1e} |")
     return "\n".join(lines)
 
@@ -190,7 +183,8 @@ def main(argv=None) -> int:
     print(f"\n(ddp's state for the {small['ddp']['num_parameters']:,}-parameter MLP should be {expected_ddp_mb:,.1f} MB: "
           f"4 fp32 tensors per parameter)")
     print(f"goals: state fsdp/ddp <= {GOAL}; peak RSS of the large model under fsdp with meta init / ddp <= {LARGE_GOAL}")
-    print(f"\nActivation checkpointing, one process, the kit's own training step ({CHECKPOINTING_STEPS} steps timed)\n")
+    print(f"\nActivation checkpointing, one process: a step's activations (profiled), the kit's step time "
+          f"({CHECKPOINTING_STEPS} steps), the losses\n")
     print(checkpointing_table(checkpointing))
     print(f"wrote {args.out / 'memory.json'} in {result['seconds']:.0f} s")
     return 0
