@@ -33,8 +33,8 @@ from raytrain_kit.cluster import connect, started_embedded_ray
 from raytrain_kit.config import Experiment, to_yaml
 from raytrain_kit.data import DataSpec, build_datasets, describe_data, spec_to_dict, split_for_workers
 from raytrain_kit.errors import ConfigError, KitError, RunError, short_message, traceback_text
-from raytrain_kit.models import build_model
 from raytrain_kit.materialize import build_on_meta
+from raytrain_kit.models import build_model
 from raytrain_kit.parallel import check_blocks, is_sharded
 from raytrain_kit.preflight import run_preflight
 from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file  # noqa: F401 (re-exported)

@@ -77,12 +77,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_ranks(rank: int, world_size: int, port: int, strategy: str, out: str) -> None:
+def _two_ranks(rank: int, world_size: int, port: int, strategy: str, case: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        model, spec, _ = CASES["mlp_dropout"]
+        model, spec, _ = CASES[case]
         losses = [_step_losses(_experiment(model, checkpointing=on, num_workers=world_size, strategy=strategy), spec,
                                rank=rank, world_size=world_size) for on in (False, True)]
         if rank == 0:
@@ -91,12 +91,13 @@ def _two_ranks(rank: int, world_size: int, port: int, strategy: str, out: str) -
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_checkpointed_blocks_take_the_same_steps_on_two_workers(tmp_path, strategy):
-    """Under FSDP2 a recomputed block gathers its weights again in the backward; under DDP the
-    gradients are all-reduced as without it."""
+@pytest.mark.parametrize("strategy,case", [("ddp", "mlp_dropout"), ("fsdp", "mlp_dropout"), ("fsdp", "lstm")])
+def test_checkpointed_blocks_take_the_same_steps_on_two_workers(tmp_path, strategy, case):
+    """Under FSDP2 a recomputed region gathers its weights again in the backward (the mlp's
+    regions span a sharded layer and the layers after it; the lstm's are its sharded blocks
+    themselves); under DDP the gradients are all-reduced as without it."""
     out = str(tmp_path / "losses.npy")
-    mp.spawn(_two_ranks, args=(2, _free_port(), strategy, out), nprocs=2, join=True)
+    mp.spawn(_two_ranks, args=(2, _free_port(), strategy, case, out), nprocs=2, join=True)
     plain, recomputed = np.load(out)
     assert len(plain) == NUM_STEPS and plain[-1] < plain[0]
     np.testing.assert_allclose(recomputed, plain, rtol=1e-6)
