@@ -68,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_advise_parser(sub)
+    p = sub.add_parser("submit", help="validate locally, then run `train` on a cluster as a Ray job and follow it")
+    _add_config_args(p)
+    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
+    p.add_argument("--working-dir", default=".", help="folder sent with the job (default: .)")
+    p.add_argument("--requirements", default=None, help="pip requirements file installed for the job")
+    p.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    p = sub.add_parser("export", help="write a run's model as a plain state_dict file (whole tensors, also from "
+                                      "sharded checkpoints), for torch.load(..., weights_only=True)")
+    p.add_argument("directory", help="a run directory (as train printed it)")
+    p.add_argument("out", help="file to write, e.g. model.pt")
+    p.add_argument("--epoch", type=int, default=None, help="that epoch's checkpoint (default: the summary's best, else the latest)")
+    _add_predict_parser(sub)
+    sub.add_parser("reference", help="print the config reference (Markdown) generated from the config models")
+    return parser
+
+
+def _add_advise_parser(sub) -> None:
     p = sub.add_parser("advise", help="measure before training, on real rows where the workers would run: which "
                                       "learning rate (a range test on the run's workers), which init "
                                       "scheme keeps the gradients alive, which strategy and micro-batch fit each "
@@ -85,17 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(default: <run.storage_path>/<run.name>_advice)")
     p.add_argument("--json", action="store_true", help="print the measurements as JSON")
     p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
-    p = sub.add_parser("submit", help="validate locally, then run `train` on a cluster as a Ray job and follow it")
-    _add_config_args(p)
-    p.add_argument("--address", required=True, help="the cluster's dashboard, e.g. http://127.0.0.1:8265")
-    p.add_argument("--working-dir", default=".", help="folder sent with the job (default: .)")
-    p.add_argument("--requirements", default=None, help="pip requirements file installed for the job")
-    p.add_argument("--no-follow", action="store_true", help="print the job id and return")
-    p = sub.add_parser("export", help="write a run's model as a plain state_dict file (whole tensors, also from "
-                                      "sharded checkpoints), for torch.load(..., weights_only=True)")
-    p.add_argument("directory", help="a run directory (as train printed it)")
-    p.add_argument("out", help="file to write, e.g. model.pt")
-    p.add_argument("--epoch", type=int, default=None, help="that epoch's checkpoint (default: the summary's best, else the latest)")
+
+
+def _add_predict_parser(sub) -> None:
     p = sub.add_parser("predict", help="predict rows with a run's model, as Ray Data batch inference over a pool of "
                                        "actors; scores a label column when there is one")
     p.add_argument("directory", help="a run directory (as train printed it)")
@@ -111,8 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per actor (the forward passes run there)")
     p.add_argument("--address", default=None, help="Ray cluster to join (as for train)")
     _add_verbosity(p)
-    sub.add_parser("reference", help="print the config reference (Markdown) generated from the config models")
-    return parser
 
 
 def _report(directory: str, progress) -> None:
