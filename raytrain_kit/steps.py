@@ -159,19 +159,8 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
         num_batches += len(group)
         rows = sum(y.shape[0] for _, y in group)
         optimizer.zero_grad(set_to_none=not bucket_views)
-        micro: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for j, (x, y) in enumerate(group):
-            last = j == len(group) - 1
-            # One micro-batch a step: synchronised as always, without asking the wrapper each time.
-            with parallel.gradient_sync(model, enabled=last) if len(group) > 1 else contextlib.nullcontext():
-                with precision():
-                    outputs = model(x)
-                loss = loss_for(outputs.float(), y, classification=classification)
-                # Each micro-batch's share of the mean over the step's rows: the gradient is the
-                # one a single batch of all of them would give.
-                share = loss * (y.shape[0] / rows) if len(group) > 1 else loss
-                (scaler.scale(share) if scaler is not None else share).backward()
-            micro.append((loss.detach(), outputs.detach(), y))
+        micro = _backward_micro_batches(model, group, rows=rows, classification=classification, precision=precision,
+                                        scaler=scaler)
         if sync_timer is not None:
             result.sync_s += sync_timer.exposed_since(time.perf_counter())
         if scaler is not None:
@@ -188,26 +177,56 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
                 result.stopped = True
                 break
             continue
-        apply_decoupled_weight_decay(optimizer, weight_decay=reg.weight_decay, name=cfg.optim.name)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        _apply_update(optimizer, scheduler, scaler, cfg)
         if result.first_step_at is None:
             result.first_step_at = time.time()
-        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-            scheduler.step()
-        step_loss = 0.0
-        for loss, outputs, y in micro:
-            result.sums.add(loss, outputs, y, classification)
-            step_loss += float(loss) * y.shape[0]
-        result.step_losses.append((step_loss, rows))
-        result.num_steps += 1
+        _record_step(result, micro, rows=rows, classification=classification)
         if on_batch is not None:
             on_batch(num_batches, int(result.sums.samples), result.sums.loss / max(result.sums.samples, 1))
     result.compute_s = max(0.0, time.perf_counter() - started - result.data_s - result.sync_s)
     return result
+
+
+def _backward_micro_batches(model: nn.Module, group: list[Batch], *, rows: int, classification: bool,
+                            precision: Callable[[], Any], scaler) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Forward and backward of each micro-batch of one optimizer step (`rows` rows in all),
+    gradients synchronised across workers on the last only; each one's (loss, outputs, y), detached."""
+    micro = []
+    for j, (x, y) in enumerate(group):
+        last = j == len(group) - 1
+        # One micro-batch a step: synchronised as always, without asking the wrapper each time.
+        with parallel.gradient_sync(model, enabled=last) if len(group) > 1 else contextlib.nullcontext():
+            with precision():
+                outputs = model(x)
+            loss = loss_for(outputs.float(), y, classification=classification)
+            # Each micro-batch's share of the mean over the step's rows: the gradient is the
+            # one a single batch of all of them would give.
+            share = loss * (y.shape[0] / rows) if len(group) > 1 else loss
+            (scaler.scale(share) if scaler is not None else share).backward()
+        micro.append((loss.detach(), outputs.detach(), y))
+    return micro
+
+
+def _apply_update(optimizer: torch.optim.Optimizer, scheduler, scaler, cfg: Experiment) -> None:
+    """Decoupled weight decay, the optimizer's step (through fp16's scaler), the schedule's step."""
+    apply_decoupled_weight_decay(optimizer, weight_decay=cfg.regularization.weight_decay, name=cfg.optim.name)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        scheduler.step()
+
+
+def _record_step(result: EpochResult, micro: list, *, rows: int, classification: bool) -> None:
+    """An applied step into the epoch's sums and its list of step losses."""
+    step_loss = 0.0
+    for loss, outputs, y in micro:
+        result.sums.add(loss, outputs, y, classification)
+        step_loss += float(loss) * y.shape[0]
+    result.step_losses.append((step_loss, rows))
+    result.num_steps += 1
 
 
 def gradient_norm(model: nn.Module, *, clip: Optional[float]) -> torch.Tensor:
