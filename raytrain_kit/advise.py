@@ -284,21 +284,32 @@ def saved_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torc
 def profiled_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> int:
     """The peak of the tensor bytes one forward and backward pass hold beyond the parameters and
-    their gradients (allocated before, so not counted), by PyTorch's profiler
-    (`profiled_peak_bytes`). For a model under activation checkpointing (`recompute.py`), whose
-    peak comes in the backward, while a region is recomputed beside the gradients flowing through
-    it, rather than from what the forward saved: `saved_activation_bytes` cannot see it."""
+    their gradients, by PyTorch's profiler (`profiled_peak_bytes`): the gradients are allocated
+    before the pass, and the one weight gradient autograd holds before adding it into its kept
+    one (the plan's working bytes, or its state) is taken off, as the largest weight's. For a
+    model under activation checkpointing (`recompute.py`), whose peak comes in the backward,
+    while a region is recomputed beside the gradients flowing through it, rather than from what
+    the forward saved: `saved_activation_bytes` cannot see it."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     trained = [p for p in model.parameters() if p.requires_grad]
+    peaks = []
     for p in trained:
         p.grad = torch.zeros_like(p)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with record_function("forward and backward"):
-            loss_fn(model(inputs), targets).backward()
-    for p in trained:
-        p.grad = None
-    return profiled_peak_bytes(prof, "forward and backward")
+    try:
+        # The least of 3 passes: a first pass's lazy allocations (autograd's, the profiler's)
+        # would enter the fit 32 rows apart, and an error of x bytes there is x * rows / 32 in
+        # the plan.
+        for _ in range(3):
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                with record_function("forward and backward"):
+                    loss_fn(model(inputs), targets).backward()
+            peaks.append(profiled_peak_bytes(prof, "forward and backward"))
+    finally:
+        for p in trained:
+            p.grad = None
+    in_flight = max((p.numel() * p.element_size() for p in trained), default=0)
+    return min(peaks) - in_flight
 
 
 def fit_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
@@ -307,14 +318,22 @@ def fit_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch.
     """(bytes per row, fixed bytes) of the activations, from two measured passes on the first
     half of `inputs` and on all of it: saved bytes are a per-row part and a fixed part (a loss's
     scalars). `profiled`: measured by `profiled_activation_bytes` (a model under activation
-    checkpointing) instead of `saved_activation_bytes`. `inputs`: at least 2 rows, with
-    `targets` to match. Raises ValueError with fewer."""
+    checkpointing), on `inputs` and on them 4 times over, instead of `saved_activation_bytes`.
+    `inputs`: at least 2 rows, with `targets` to match. Raises ValueError with fewer."""
     rows = len(inputs)
     if rows < 2:
         raise ValueError("measuring activations needs a batch of 2 rows or more")
+    if profiled:
+        # The profiler's peak varies by some KB between passes (intra-op threads' buffers): fitted
+        # on `inputs` and on them repeated 4 times, that error is divided by 3 x rows, not rows / 2.
+        tiled = (inputs.repeat(4, *[1] * (inputs.dim() - 1)), targets.repeat(4, *[1] * (targets.dim() - 1)))
+        small, full = (profiled_activation_bytes(model, inputs, targets, loss_fn),
+                       profiled_activation_bytes(model, *tiled, loss_fn))
+        per_row = (full - small) / (3 * rows)
+        return per_row, max(round(small - per_row * rows), 0)
     half = rows // 2
-    measure = profiled_activation_bytes if profiled else saved_activation_bytes
-    small, full = measure(model, inputs[:half], targets[:half], loss_fn), measure(model, inputs, targets, loss_fn)
+    small = saved_activation_bytes(model, inputs[:half], targets[:half], loss_fn)
+    full = saved_activation_bytes(model, inputs, targets, loss_fn)
     per_row = (full - small) / (rows - half)
     return per_row, max(round(small - per_row * half), 0)
 

@@ -449,6 +449,8 @@ def format_advice(result: dict) -> str:
     if "lr" in result or "init" in result:
         lines.append(f"wrote {result['out_dir']}/{ADVICE_PNG}")
     names = {**STAGE_NAMES, **({} if "init" in result or "memory" in result else {"ready": "model and shards"})}
+    if "lr" not in result:  # one Ray task measured the other parts
+        names["measured"] = " and ".join(part for part in ("init", "memory") if part in result)
     stages = ", ".join(f"{names[k]} {v:.1f} s" for k, v in result["stages"].items())
     stages += f", the workers' end {result['seconds'] - sum(result['stages'].values()):.1f} s" if "lr" in result else ""
     lines.append(f"advise took {result['seconds']:.1f} s from the process's start ({stages})")

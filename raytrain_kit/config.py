@@ -215,7 +215,7 @@ class ScalingConfig(_Section):
     fsdp_blocks: Optional[list[str]] = None
     """fsdp/hsdp: class names of the modules sharded as one unit each (gathered just before use, freed after); with train.activation_checkpointing, also the modules recomputed as one unit each. Default: Linear, Conv2d and recurrent layers for mlp/cnn/rnn; for custom models only the whole model unless given."""
     meta_init: bool = True
-    """fsdp/hsdp: build the model on PyTorch's meta device (shapes only), shard it, then create each worker's shards one module at a time, with the values one process builds from train.seed (bit for bit): a worker never holds the whole model, only its shards and one module's full weights. false: every worker builds the whole model first and then shards it. A custom model that cannot be built this way falls back with a warning."""
+    """fsdp/hsdp: build the model on PyTorch's meta device (shapes only), shard it, then create each worker's shards one module at a time, with the values one process builds from train.seed (bit for bit): a worker holds its shards and one module's full weights at a time instead of the whole model (a saving that grows with the number of blocks: none when one layer is most of the model). false: every worker builds the whole model first and then shards it. A custom model that cannot be built this way falls back with a warning."""
     use_gpu: bool = False
     """One GPU per worker (NCCL); otherwise CPU with gloo."""
     cpus_per_worker: float = Field(default=1.0, gt=0.0)

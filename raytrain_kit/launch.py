@@ -300,11 +300,15 @@ def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=
 
 
 def describe_scaling(cfg: Experiment) -> str:
-    """`training: 2 workers, fsdp, bf16; global batch 128 = 32 x 2 micro-batches x 2 workers`"""
+    """`training: 2 workers, fsdp built on the meta device, bf16; global batch 128 = 32 x 2
+    micro-batches x 2 workers` (and `activation checkpointing` after the precision when on)"""
     s, t = cfg.scaling, cfg.train
     how = s.strategy + (f" (shard groups of {s.shard_group_size})" if s.strategy == "hsdp" else "")
     # One ddp worker has nothing to share: "1 worker, ddp" only puzzled readers.
-    parts = [f"{s.num_workers} worker{'s' if s.num_workers > 1 else ''}"] + ([] if s.single_process else [how]) + [t.precision]
+    if s.strategy != "ddp":
+        how += " built on the meta device" if s.meta_init else " built whole, then sharded"
+    parts = [f"{s.num_workers} worker{'s' if s.num_workers > 1 else ''}"] + ([] if s.single_process else [how]) + \
+        [t.precision] + (["activation checkpointing"] if t.activation_checkpointing else [])
     global_batch = t.batch_size * t.grad_accum_steps * s.num_workers
     terms = [str(t.batch_size)] + ([f"{t.grad_accum_steps} micro-batches"] if t.grad_accum_steps > 1 else []) + \
         ([f"{s.num_workers} workers"] if s.num_workers > 1 else [])

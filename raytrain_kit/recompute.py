@@ -9,13 +9,18 @@ the built-in `nn.Sequential` models (mlp, cnn) a Linear or Conv2d layer alone ke
 dropping (its input is kept either way), so each region there is the layer together with the
 parameter-free layers after it (activation, dropout, pooling), whose outputs and masks are what
 checkpointing saves. The model's modules and names stay as they are (checkpoints, exported
-weights and `fsdp_blocks` are unchanged): only `forward` is replaced on the instance.
+weights and `fsdp_blocks` are unchanged): only `forward` is replaced on the instance. A
+recomputed BatchNorm would update its running statistics a second time: they are put back after
+each recomputation.
 Exercised by `tests/test_recompute.py`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import types
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -61,6 +66,25 @@ def sequential_regions(model: nn.Sequential, blocks: list[nn.Module]) -> list[tu
     return [tuple(r) for r in regions]
 
 
+def _recompute_keeps_statistics(modules: Iterable[nn.Module]):
+    """`context_fn` for `checkpoint`: nothing around the forward; around the recomputation, the
+    normalization layers' running statistics (and step counts) put back as the forward left
+    them: the recomputation runs them in training mode again, and would count every batch twice."""
+    norms = [m for root in modules for m in root.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    return contextlib.nullcontext(), _statistics_restored(norms)
+
+
+@contextlib.contextmanager
+def _statistics_restored(norms: list[nn.Module]) -> Iterator[None]:
+    kept = [(buffer, buffer.clone()) for norm in norms for buffer in norm.buffers(recurse=False)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in kept:
+                buffer.copy_(value)
+
+
 def _run(model: nn.Sequential, start: int, end: int, x: torch.Tensor) -> torch.Tensor:
     for i in range(start, end):
         x = model[i](x)
@@ -70,7 +94,8 @@ def _run(model: nn.Sequential, start: int, end: int, x: torch.Tensor) -> torch.T
 def _sequential_forward(self: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     for checkpointed, start, end in self.checkpoint_regions:
         if checkpointed and torch.is_grad_enabled():
-            x = checkpoint(_run, self, start, end, x, use_reentrant=False)
+            context = functools.partial(_recompute_keeps_statistics, [self[i] for i in range(start, end)])
+            x = checkpoint(_run, self, start, end, x, use_reentrant=False, context_fn=context)
         else:
             x = _run(self, start, end, x)
     return x
@@ -80,4 +105,5 @@ def _checkpointed_forward(self: nn.Module, *args, **kwargs):
     # type(self).forward: the class's own (FSDP2 subclasses the class without replacing it)
     if not torch.is_grad_enabled():
         return type(self).forward(self, *args, **kwargs)
-    return checkpoint(type(self).forward, self, *args, use_reentrant=False, **kwargs)
+    return checkpoint(type(self).forward, self, *args, use_reentrant=False,
+                      context_fn=functools.partial(_recompute_keeps_statistics, [self]), **kwargs)

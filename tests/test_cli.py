@@ -165,7 +165,7 @@ def test_fsdp_job_in_bf16_then_export(tmp_path):
                  "train.precision=bf16"]
     done = _run_cli("train", "jobs/fsdp_mlp.yaml", *[a for o in overrides for a in ("--set", o)], timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert ("training:      2 workers, fsdp, bf16; global batch 256 = 64 x 2 micro-batches x 2 workers "
+    assert ("training:      2 workers, fsdp built on the meta device, bf16; global batch 256 = 64 x 2 micro-batches x 2 workers "
             "per optimizer step") in done.stdout
     summary = json.loads((tmp_path / "fsdp_mlp" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["final_metrics"]["step"] == 2 * 10  # per worker 1200 rows: 19 micro-batches, 10 steps

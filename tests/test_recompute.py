@@ -29,7 +29,11 @@ CASES = {
     "mlp_dropout": ({"kind": "mlp", "hidden": [64, 64], "dropout": 0.2, "activation": "gelu"}, TABLE, {}),
     "cnn": ({"kind": "cnn", "channels": [8, 16], "hidden": [32], "dropout": 0.1}, IMAGES, {}),
     "lstm": ({"kind": "rnn", "cell": "lstm", "hidden_size": 16, "dropout": 0.1}, IMAGES, {}),
+    # a Sequential whose regions hold a BatchNorm
     "custom": ({"kind": "custom", "target": "test_models_lib:build_scaled_mlp"}, TABLE, {"fsdp_blocks": ["Linear"]}),
+    # a block checkpointed itself, a BatchNorm inside
+    "custom_block": ({"kind": "custom", "target": "test_models_lib:build_batchnorm_mlp"}, TABLE,
+                     {"fsdp_blocks": ["Sequential"]}),
 }
 
 
@@ -48,9 +52,10 @@ def _rows(spec: DataSpec):
     return x, y
 
 
-def _step_losses(cfg, spec: DataSpec, *, rank: int = 0, world_size: int = 1) -> list[float]:
+def _step_losses(cfg, spec: DataSpec, *, rank: int = 0, world_size: int = 1, end_state: dict = None) -> list[float]:
     """NUM_STEPS of the kit's own training step (steps.train_epoch) on this rank's rows of each
-    global batch; each step's loss over every rank's rows."""
+    global batch; each step's loss over every rank's rows. `end_state`: filled with the model's
+    state_dict afterwards (parameters and buffers)."""
     state = build_train_state(cfg, spec, rank=rank, world_size=world_size, device=torch.device("cpu"))
     x, y = _rows(spec)
     per_rank = BATCH // world_size
@@ -58,17 +63,26 @@ def _step_losses(cfg, spec: DataSpec, *, rank: int = 0, world_size: int = 1) -> 
     result = train_epoch(state.module, in_memory_batches(x[mine], y[mine], batch_size=per_rank), cfg=cfg,
                          optimizer=state.optimizer, scheduler=state.scheduler, penalty_model=state.model,
                          precision=state.precision, scaler=state.scaler)
+    if end_state is not None:
+        end_state.update({k: v.clone() for k, v in state.model.state_dict().items()})
     return global_step_losses(result.step_losses)
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_checkpointed_blocks_take_the_same_steps_in_one_process(name):
     model, spec, scaling = CASES[name]
-    plain = _step_losses(_experiment(model, checkpointing=False), spec)
-    recomputed = _step_losses(_experiment(model, checkpointing=True, **scaling), spec)
+    ends = {}, {}
+    plain = _step_losses(_experiment(model, checkpointing=False), spec, end_state=ends[0])
+    recomputed = _step_losses(_experiment(model, checkpointing=True, **scaling), spec, end_state=ends[1])
     assert len(plain) == NUM_STEPS and plain[-1] < plain[0]  # it learns: not a comparison of constants
     # Recomputation replays the same operations on the same inputs, dropout from the same RNG state.
     np.testing.assert_allclose(recomputed, plain, rtol=1e-6)
+    # and leaves the same model: weights, and BatchNorm's running statistics counted once per batch
+    assert ends[0].keys() == ends[1].keys()
+    for key, value in ends[0].items():
+        torch.testing.assert_close(ends[1][key], value, rtol=1e-6, atol=0, msg=key)
+    if any("num_batches_tracked" in key for key in ends[0]):
+        assert all(v == NUM_STEPS for k, v in ends[1].items() if "num_batches_tracked" in k)
 
 
 def _free_port() -> int:
