@@ -54,8 +54,9 @@ def _cut_in_sequence(model: nn.Module, blocks: list[nn.Module]) -> bool:
 
 def sequential_regions(model: nn.Sequential, blocks: list[nn.Module]) -> list[tuple[bool, int, int]]:
     """`model`'s layers cut before every block: `(checkpointed, start, end)` per region (layers
-    `model[start:end]`), a block with the parameter-free layers that follow it checkpointed, the
-    layers before the first block (a Flatten) not."""
+    `model[start:end]`), a block with the layers that follow it up to the next block checkpointed
+    (in the built-in models: activation, dropout, pooling), the layers before the first block (a
+    Flatten) not."""
     ids = {id(b) for b in blocks}
     regions: list[list] = []
     for i, layer in enumerate(model):
