@@ -1,5 +1,5 @@
 """`python -m raytrain_kit` is the `raytrain-kit` command."""
 
-from raytrain_kit.cli import main
+from raytrain_kit.cli import run
 
-raise SystemExit(main())
+run()

@@ -334,6 +334,23 @@ def _quiet_thread_errors(args) -> Iterator[None]:
         threading.excepthook = previous
 
 
+def run() -> None:
+    """The `raytrain-kit` command: `main`, then the process's end without Python's teardown.
+
+    Once a command has written everything and its atexit handlers (Ray's, logging's, MLflow's)
+    have run, the interpreter's own teardown (freeing torch's, Ray's and pandas' modules one by
+    one, their C++ destructors) took 2.5 s after a sweep and 0.7 s after a bare `import torch`
+    on 2 cores: time in every command that does nothing for the user. `main` itself returns
+    normally, for callers in Python (the tests)."""
+    import atexit
+
+    code = main()
+    atexit._run_exitfuncs()  # CPython's own exit step (private, stable since Python 2): each handler runs once
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
