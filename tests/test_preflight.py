@@ -63,3 +63,27 @@ def test_check_says_in_one_line_that_the_model_cannot_be_built(ray_session, tmp_
         err = capsys.readouterr().err
         assert err.startswith("error: model: cannot build 'custom' for input shape [1, 8, 8] (TypeError: "), err
         assert "no_such_option" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_check_in_this_process_reports_what_the_task_reports(ray_session, tmp_path):
+    """On a Ray that is this machine alone the check runs in the driver (no process to start);
+    elsewhere it is a Ray task. Both must give the same verdict, down to each probe's figures
+    (float64; the task's process runs torch on 1 thread, the driver on all cores)."""
+    from raytrain_kit.config import load_experiment
+    from raytrain_kit.data import build_datasets
+    from raytrain_kit.preflight import ray_is_this_machine, run_preflight
+
+    assert ray_is_this_machine()  # the suite's Ray: one node, this one
+    for overrides in ([], ["model.kind=mlp", "model.hidden=[32]", "model.dropout=0.2"]):
+        cfg = load_experiment("jobs/digits.yaml", overrides)
+        datasets, spec = build_datasets(cfg)
+        here = run_preflight(cfg, datasets["train"], spec).to_dict()
+        task = run_preflight(cfg, datasets["train"], spec, in_process=False).to_dict()
+        assert here["status"] == task["status"] == "pass"
+        assert [p["target"] for p in here["probes"]] == [p["target"] for p in task["probes"]]
+        assert len(here["probes"]) >= 4
+        for mine, theirs in zip(here["probes"], task["probes"]):
+            assert mine["status"] == theirs["status"]
+            assert abs(mine["analytic"] - theirs["analytic"]) <= 1e-9 * max(1.0, abs(theirs["analytic"])), (mine, theirs)
+            assert abs(mine["numeric"] - theirs["numeric"]) <= 1e-6 * max(1.0, abs(theirs["numeric"])), (mine, theirs)
+        assert (here["num_parameters"], here["num_passes"]) == (task["num_parameters"], task["num_passes"])
