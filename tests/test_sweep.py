@@ -85,6 +85,23 @@ def test_shipped_sweeps_validate():
 # Pure parts: fold assignment, fold aggregation, resource plans, PBT's hyperparameter hand-over
 
 
+def test_tune_skips_its_callback_census_only_while_the_sweep_runs():
+    """Ray Tune's usage telemetry imports Ray's MLflow, W&B, Comet and Aim integrations (and
+    mlflow) to count a sweep's callbacks by class: the sweep skips that census, at the very
+    reference `tune.run` calls, and only while its Tuner runs."""
+    from ray.air._internal import usage
+    from ray.tune import tune as tune_module
+
+    from raytrain_kit.sweep import _callback_census_skipped
+
+    census = usage.tag_callbacks
+    assert tune_module.air_usage is usage  # what Tune.fit calls goes through this module
+    with _callback_census_skipped():
+        assert usage.tag_callbacks is not census
+        assert tune_module.air_usage.tag_callbacks(["any callback"]) is False
+    assert usage.tag_callbacks is census
+
+
 def test_assign_folds_is_stratified_and_balanced():
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 1001)
