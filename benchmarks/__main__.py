@@ -86,7 +86,8 @@ def run_perf(names: list[str], *, quick: bool) -> dict[str, dict]:
         if "startup" in names or "end_to_end" in names:
             startup, end_to_end = perf.startup_and_end_to_end(quick, work)
             results.update({k: v for k, v in (("startup", startup), ("end_to_end", end_to_end)) if k in names})
-        connect()
+        if {"overhead", "scaling", "ingest"} & set(names):  # an idle Ray beside another benchmark would skew it
+            connect()
         if "overhead" in names:
             results["overhead"] = perf.overhead(quick, work)
         if "scaling" in names:
