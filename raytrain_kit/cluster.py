@@ -161,8 +161,9 @@ def ray_notices_hidden() -> Iterator[None]:
 def disconnect() -> None:
     """End the embedded Ray this process started, once its work is written. Called explicitly
     rather than left to Ray's exit hook, which first sleeps 0.5 s to print late worker errors
-    (the kit reports those itself). Not in a thread beside other work: any Ray object freed
-    meanwhile would call into a core worker that is gone, which ends the process."""
+    (the kit reports those itself). In the main thread, and beside nothing that holds or frees a
+    Ray object (the CLI draws its report meanwhile, with the cyclic collector off): a Ray object
+    freed during the shutdown would call into a core worker that is gone, which ends the process."""
     ray.shutdown()
 
 

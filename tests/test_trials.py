@@ -20,6 +20,7 @@ from raytrain_kit.launch import checkpoint_dirs, fit
 from raytrain_kit.loop import MEASURED
 from raytrain_kit.sweep import run_sweep, trial_base
 from raytrain_kit.trial import REGISTRY_FILE
+from records import assert_picture
 
 REPO = Path(__file__).resolve().parents[1]
 # Dropout and a warmup-cosine schedule: the RNG streams and the schedule's position must match too.
@@ -127,6 +128,11 @@ def test_quiet_sweep_prints_only_the_result(tmp_path):
     assert lines[-2].startswith("sweep directory: ") and lines[-1].startswith("best config: ")
     # Three trials, one at a time, in one process.
     assert len({r["pid"] for rows in _results(tmp_path / "runs" / "quiet").values() for r in rows}) == 1
+    # The report, drawn while the command's own Ray shut down: whole, and pictures that decode.
+    report = (tmp_path / "runs" / "quiet" / "report.md").read_text()
+    assert report.startswith("# Sweep quiet\n\n3 trials") and "(sweep.png)" in report and "(parallel.png)" in report
+    for picture in ("sweep.png", "parallel.png"):
+        assert_picture(tmp_path / "runs" / "quiet" / picture)
 
 
 def test_ray_messages_to_the_driver_are_hidden_without_verbose(ray_session, capfd):
