@@ -59,10 +59,9 @@ def _fused_kernel_fits(name: str, params: list[torch.Tensor]) -> bool:
     dtensor = sys.modules.get("torch.distributed.tensor")
     if dtensor is None or not any(isinstance(p, dtensor.DTensor) for p in params):
         return True
-    DTensor = dtensor.DTensor
     try:
         op = getattr(torch.ops.aten, f"_fused_{name}_").default
-        propagator = DTensor._op_dispatcher.sharding_propagator
+        propagator = dtensor.DTensor._op_dispatcher.sharding_propagator
         tables = ("op_strategy_funcs", "op_single_dim_strategy_funcs", "op_to_rules")
         return any(op in getattr(propagator, table, {}) for table in tables)
     except (AttributeError, RuntimeError):  # private tables moved: the loop always works

@@ -54,7 +54,8 @@ def run_preflight(cfg: Experiment, train: ray.data.Dataset, spec: DataSpec, *,
     """Check on the first `preflight.batch_size` training rows; raise PreflightError on failure.
     `in_process`: None decides by `ray_is_this_machine`; False always uses the task."""
     batch = train.take_batch(cfg.preflight.batch_size, batch_format="numpy")
-    if in_process if in_process is not None else ray_is_this_machine():
+    here = ray_is_this_machine() if in_process is None else in_process
+    if here:
         report = check_model(cfg, spec, batch["x"], batch["y"])
     else:
         report = GradCheckReport.from_dict(ray.get(preflight_task.remote(
