@@ -358,7 +358,10 @@ def run() -> None:
     Once a command has written everything and its atexit handlers (Ray's, logging's, MLflow's)
     have run, the interpreter's own teardown (freeing torch's, Ray's and pandas' modules one by
     one, their C++ destructors) took 2.5 s after a sweep and 0.7 s after a bare `import torch`
-    on 2 cores: time in every command that does nothing for the user. `main` itself returns
+    on 2 cores: time in every command that does nothing for the user. The worker processes of an
+    embedded Ray (Train's controller, a sweep's trials), which its shutdown leaves to notice
+    their raylet is gone, finish exiting on their own up to about 3.5 s after the command
+    returns (Python's teardown used to cover most of that time). `main` itself returns
     normally, for callers in Python (the tests)."""
     import atexit
 
