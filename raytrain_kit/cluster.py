@@ -158,13 +158,55 @@ def ray_notices_hidden() -> Iterator[None]:
                 os.write(2, b"".join(kept))
 
 
-def disconnect() -> None:
-    """End the embedded Ray this process started, once its work is written. Called explicitly
-    rather than left to Ray's exit hook, which first sleeps 0.5 s to print late worker errors
-    (the kit reports those itself). In the main thread, and beside nothing that holds or frees a
-    Ray object (the CLI draws its report meanwhile, with the cyclic collector off): a Ray object
-    freed during the shutdown would call into a core worker that is gone, which ends the process."""
+def disconnect(*, wait_s: float = 5.0) -> None:
+    """End the embedded Ray this process started, once its work is written, and wait (up to
+    `wait_s`) until every process it started is gone. Called explicitly rather than left to
+    Ray's exit hook, which first sleeps 0.5 s to print late worker errors (the kit reports those
+    itself). In the main thread, and beside nothing that holds or frees a Ray object (the CLI
+    draws its report meanwhile, with the cyclic collector off): a Ray object freed during the
+    shutdown would call into a core worker that is gone, which ends the process.
+
+    Ray's shutdown ends its raylet, GCS and dashboard but leaves their children (Train's
+    controller and workers, a sweep's trial processes, the dashboard's helpers) to notice and
+    exit on their own, up to 1.5 s later on 2 cores: without the wait a command returned while
+    they were still running (they are listed before the shutdown, from /proc where there is one)."""
+    started = _descendants()
     ray.shutdown()
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(_running(pid) for pid in started):
+        time.sleep(0.02)
+
+
+def _descendants() -> list[int]:
+    """This process's children, theirs, and so on (Linux /proc; elsewhere none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in names:
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):  # gone meanwhile
+                continue
+            children.setdefault(parent, []).append(int(name))
+    found, todo = [], [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting to be reaped has ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def ray_ready_at() -> Optional[float]:

@@ -134,9 +134,29 @@ def test_validate_prints_resolved_yaml():
     assert resolved["schedule"]["decay_rate"] == 0.96  # defaults are filled in
 
 
+def _orphaned_ray_processes() -> set[int]:
+    """Running Ray processes whose parent is gone (reparented to init): what a command that
+    started and ended its own Ray would leave running past its return."""
+    found = set()
+    for name in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                state, parent = f.read().rsplit(")", 1)[1].split()[:2]
+            with open(f"/proc/{name}/cmdline") as f:
+                command = f.read()
+        except (OSError, ValueError):
+            continue
+        if parent == "1" and state != "Z" and command.startswith("ray::"):
+            found.add(int(name))
+    return found
+
+
 def test_main_job_reaches_95_percent(tmp_path):
-    """The README's main command, in its own process with its own embedded Ray."""
+    """The README's main command, in its own process with its own embedded Ray, every process of
+    which has ended when the command returns."""
+    before = _orphaned_ray_processes()
     done = _run_cli("train", "jobs/digits.yaml", "--set", f"run.storage_path={tmp_path}", timeout=600)
+    assert not _orphaned_ray_processes() - before  # Train's controller and workers ended with the command
     assert done.returncode == 0, done.stderr[-3000:]
     epochs = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
     assert len(epochs) == 15 and "samples/s" in epochs[0] and "val_accuracy" in epochs[0]
