@@ -184,14 +184,10 @@ def _descendants() -> list[int]:
         names = os.listdir("/proc")
     except OSError:
         return []
-    for name in names:
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):  # gone meanwhile
-                continue
-            children.setdefault(parent, []).append(int(name))
+    for name in filter(str.isdigit, names):
+        fields = _proc_stat(int(name))
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(name))
     found, todo = [], [os.getpid()]
     while todo:
         for child in children.get(todo.pop(), []):
@@ -202,11 +198,18 @@ def _descendants() -> list[int]:
 
 def _running(pid: int) -> bool:
     """Whether `pid` still runs (a zombie waiting to be reaped has ended)."""
+    fields = _proc_stat(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def _proc_stat(pid: int) -> Optional[list[str]]:
+    """/proc/<pid>/stat's fields after the command name (state, parent, ...), or None when the
+    process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return False
+        return None
 
 
 def ray_ready_at() -> Optional[float]:
