@@ -348,14 +348,32 @@ def plan_activation_bytes(model: nn.Module, inputs: torch.Tensor, targets: torch
 def profiled_peak_bytes(prof, region: str) -> int:
     """The highest running sum of the CPU tensor bytes allocated (less those freed) since
     `prof` (a `torch.profiler.profile(profile_memory=True)`) started, within its
-    `record_function(region)`: a step's peak tensor memory, measured independently of the plan."""
-    kineto = prof.profiler.kineto_results.events()
-    inside = next(e for e in kineto if e.name() == region)
-    events = sorted((e.start_ns(), e.nbytes()) for e in kineto
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    starts = np.array([t for t, _ in events], dtype=np.int64)
-    live = np.cumsum(np.array([n for _, n in events], dtype=np.int64))
-    return int(live[(starts >= inside.start_ns()) & (starts <= inside.end_ns())].max())
+    `record_function(region)`: a step's peak tensor memory, measured independently of the plan.
+    A free counts only when its block was allocated in this profile: PyTorch's CPU allocator
+    reports the free of any block allocated while some profiler ran, so a tensor of an earlier
+    profile that dies here (the garbage collector freeing an earlier pass's graph) would lower
+    the sum by bytes it never added. Raises StopIteration when `region` was not recorded."""
+    from torch._C._profiler import _EventType
+
+    def walk(events):
+        for event in events:
+            yield event
+            yield from walk(event.children)
+
+    tree = list(walk(prof.profiler.kineto_results.experimental_event_tree()))
+    inside = next(e for e in tree if e.name == region)
+    allocations = sorted((e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size) for e in tree
+                         if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu")
+    live_blocks, live, peak = {}, 0, 0
+    for start_ns, ptr, nbytes in allocations:
+        if nbytes > 0:
+            live_blocks[ptr] = nbytes
+        elif live_blocks.pop(ptr, None) is None:
+            continue  # allocated before this profile: its bytes were never added
+        live += nbytes
+        if inside.start_time_ns <= start_ns <= inside.end_time_ns:
+            peak = max(peak, live)
+    return peak
 
 
 MEMORY_MARGIN = 0.8  # a plan fits when it needs at most this share of a worker's memory
