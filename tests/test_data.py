@@ -240,3 +240,28 @@ def test_a_missing_label_suggests_the_nearest_column_and_never_hides_the_label(r
     assert message.endswith("f18, and 1 more)")  # 21 columns: the label first, then 19 of the 20 features
     with pytest.raises(DataError, match=r"data.label: column 'lable' not found in .*; did you mean 'label'\?"):
         build_datasets(build_experiment({"data": {"source": "csv", "path": str(tmp_path / "t.csv"), "label": "lable"}}))
+
+
+@pytest.mark.parametrize("data,seed", [({"standardize": True, "val_fraction": 0.3}, 5),
+                                       ({"standardize": False, "val_fraction": 0.2}, 0)])
+def test_the_driver_build_gives_the_rows_and_statistics_of_ray_data(ray_session, data, seed):
+    """A table the driver holds (digits, data.in_memory) is packed, split and encoded in the
+    driver (`data/in_driver.py`): the same rows in the same order, the same fitted statistics to
+    the bit, as the Ray Data build (data.in_memory: false) of the same config."""
+    from raytrain_kit.data import read_block_ranges, split_for_workers
+    from raytrain_kit.data.build import DriverTable, read_in_driver
+
+    raw = {"data": {"source": "digits", **data}, "train": {"seed": seed}}
+    in_driver = build_experiment(raw)
+    by_ray_data = build_experiment({**raw, "data": {**raw["data"], "in_memory": False}})
+    assert isinstance(read_in_driver(in_driver)[0], DriverTable) and read_in_driver(by_ray_data) is None
+    (driver_sets, driver_spec), (ray_sets, ray_spec) = build_datasets(in_driver), build_datasets(by_ray_data)
+    assert driver_spec == ray_spec  # counts, classes, and the preprocessing's pivot, offset and scale
+    assert (driver_spec.preprocessing["scale"] is not None) == data["standardize"]
+    pieces = split_for_workers(driver_sets, num_workers=1)  # as a worker reads them
+    for name in ("train", "val"):
+        x, y = _arrays(ray_sets[name])
+        read = read_block_ranges(pieces[name][0])
+        assert read["x"].dtype == x.dtype == np.float32 and len(y) == getattr(ray_spec, f"num_{name}_rows")
+        np.testing.assert_array_equal(read["x"], x)
+        np.testing.assert_array_equal(read["y"], y)

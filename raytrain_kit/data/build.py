@@ -15,6 +15,7 @@ from raytrain_kit.data.sources import Columns, check_local_file, read_table, sel
 from raytrain_kit.data.spec import DataSpec
 from raytrain_kit.data.split import preserved_order, split_by_key
 from raytrain_kit.data.images import array_shape, drop_bad_rows, pack_arrays, read_images
+from raytrain_kit.data.in_driver import DriverTable, read_in_driver
 from raytrain_kit.data.encode import check_labels_known, encode_batch, feature_names, fit_preprocessing, num_features
 from raytrain_kit.data.stats import _pack, _Stats, check_stats, collect_stats
 from raytrain_kit.errors import DataError
@@ -37,7 +38,8 @@ def _build_datasets(cfg: Experiment, *, fitted: Optional[dict]) -> tuple[dict[st
         raw, where, shape, label_is_text = read_images(cfg)
         columns = Columns(numeric=(), categorical=(), label_is_text=label_is_text, array="image", array_shape=shape)
     else:
-        raw, where = read_table(cfg)
+        # A table the driver holds is built here, without a Ray Data execution (`in_driver`).
+        raw, where = read_in_driver(cfg) or read_table(cfg)
         columns = select_columns(cfg, _schema(raw, where), where)
         if columns.array:
             columns = replace(columns, array_shape=array_shape(raw, columns.array, where))
@@ -53,7 +55,9 @@ def _build_datasets(cfg: Experiment, *, fitted: Optional[dict]) -> tuple[dict[st
     encode = dict(prep=prep, classification=d.task == "classification")
     train = train.map_batches(encode_batch, batch_format="numpy", fn_kwargs=encode)
     val = val.map_batches(encode_batch, batch_format="numpy", fn_kwargs=encode)
-    if d.in_memory:
+    if isinstance(train, DriverTable):
+        train, val = train.to_dataset(), val.to_dataset()
+    elif d.in_memory:
         train, val = train.materialize(), val.materialize()
     num_train, num_val = train.count(), val.count()
     if num_val == 0 or num_train == 0:

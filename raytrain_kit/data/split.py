@@ -13,6 +13,7 @@ import pandas as pd
 import ray
 
 from raytrain_kit.config import Experiment
+from raytrain_kit.data.in_driver import DriverTable
 from raytrain_kit.data.spec import DataSpec
 from raytrain_kit.data.stats import categorical_columns
 from raytrain_kit.errors import DataError
@@ -51,6 +52,8 @@ def sorted_keys(keyed: ray.data.Dataset) -> np.ndarray:
     """The key column of a table `sort_by_key` returned, in order: a small table's one block is
     fetched as it is (a Ray Data pass over it would cost seconds of start-up); a large one's key
     column alone is streamed to the driver (8 bytes a row)."""
+    if isinstance(keyed, DriverTable):
+        return keyed.column("key")
     if keyed.size_bytes() > ONE_TASK_SORT_BYTES:
         return np.concatenate([b["key"] for b in keyed.select_columns(["key"]).iter_batches(
             batch_size=None, batch_format="numpy")])
