@@ -33,6 +33,7 @@ from raytrain_kit.advise import (ADVICE_PNG, LrSuggestion, diagnose_inits, draw_
                                  suggest_lr)
 from raytrain_kit.config import Experiment, build_experiment, with_overrides
 from raytrain_kit.data import DataSpec, read_block_ranges, spec_from_dict, spec_to_dict, split_for_workers
+from raytrain_kit.data.shards import head_rows
 from raytrain_kit.errors import ConfigError, RunError, traceback_text
 from raytrain_kit.materialize import build_on_meta
 from raytrain_kit.models import build_model
@@ -359,9 +360,9 @@ def run_advise(cfg: Experiment, *, parts: Sequence[str] = PARTS, out_dir: Option
     out_dir = out_dir if "://" in out_dir else os.path.abspath(out_dir)  # Ray Train's storage must be absolute
     others = [p for p in parts if p != "lr"]
     # The range test's rank 0 measures the others on the first rows of its own piece; otherwise
-    # the driver takes them (a Ray Data pass).
+    # the driver takes them (`head_rows`).
     batch = ({"x": None, "y": None} if "lr" in parts and cfg.data.in_memory or not others
-             else datasets["train"].take_batch(BATCH_ROWS, batch_format="numpy"))
+             else head_rows(datasets["train"], BATCH_ROWS))
     times["data"] = time.time()
     log(f"advise:        {', '.join(parts)} on {cfg.scaling.num_workers} worker(s)")
     measured = dict(experiment=cfg.model_dump(mode="json"), spec=spec_to_dict(spec), x=batch["x"], y=batch["y"],

@@ -20,6 +20,7 @@ import torch
 
 from raytrain_kit.config import Experiment, build_experiment
 from raytrain_kit.data import DataSpec, spec_from_dict, spec_to_dict
+from raytrain_kit.data.shards import head_rows
 from raytrain_kit.errors import PreflightError
 from raytrain_kit.gradcheck import GradCheckReport, check_gradients
 from raytrain_kit.models import build_model
@@ -53,7 +54,7 @@ def run_preflight(cfg: Experiment, train: ray.data.Dataset, spec: DataSpec, *,
                   in_process: Optional[bool] = None) -> GradCheckReport:
     """Check on the first `preflight.batch_size` training rows; raise PreflightError on failure.
     `in_process`: None decides by `ray_is_this_machine`; False always uses the task."""
-    batch = train.take_batch(cfg.preflight.batch_size, batch_format="numpy")
+    batch = head_rows(train, cfg.preflight.batch_size)
     here = ray_is_this_machine() if in_process is None else in_process
     if here:
         report = check_model(cfg, spec, batch["x"], batch["y"])

@@ -265,3 +265,29 @@ def test_the_driver_build_gives_the_rows_and_statistics_of_ray_data(ray_session,
         assert read["x"].dtype == x.dtype == np.float32 and len(y) == getattr(ray_spec, f"num_{name}_rows")
         np.testing.assert_array_equal(read["x"], x)
         np.testing.assert_array_equal(read["y"], y)
+
+
+def test_the_first_rows_and_the_blocks_of_a_materialized_dataset_come_without_an_execution(ray_session):
+    """`head_rows` gives what `take_batch` gives, across block edges, and `source_bundles` lists
+    a materialized dataset's blocks from its plan (an execution would start Ray Data's stats and
+    autoscaling actors); a lazy dataset has no such list and is taken by Ray Data."""
+    import ray
+
+    from raytrain_kit.data.shards import head_rows, source_bundles
+
+    x = np.arange(50 * 3, dtype=np.float32).reshape(50, 3)
+    blocks = [pd.DataFrame({"x": list(x[i:i + 20]), "y": np.arange(i, min(i + 20, 50))}) for i in range(0, 50, 20)]
+    lazy = ray.data.from_pandas(blocks).map_batches(
+        lambda b: {"x": np.stack(b["x"]).astype(np.float32), "y": b["y"]}, batch_format="pandas")
+    materialized = lazy.materialize()
+    assert source_bundles(lazy) is None
+    listed = source_bundles(materialized)
+    assert sum(len(b.blocks) for b in listed) == 3  # the first rows cross block edges
+    assert [e.ref for b in listed for e in b.blocks] == \
+        [e.ref for b in materialized.iter_internal_ref_bundles() for e in b.blocks]
+    for num_rows in (7, 20, 33, 50, 80):
+        rows, taken = head_rows(materialized, num_rows), materialized.take_batch(num_rows, batch_format="numpy")
+        np.testing.assert_array_equal(rows["x"], taken["x"])
+        np.testing.assert_array_equal(rows["y"], taken["y"])
+        assert len(rows["y"]) == min(num_rows, 50)
+    np.testing.assert_array_equal(head_rows(lazy, 33)["x"], x[:33])

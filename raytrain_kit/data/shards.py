@@ -27,11 +27,15 @@ def split_for_workers(datasets: dict[str, ray.data.Dataset], *, num_workers: int
     equal split); validation keeps every row. The blocks stay wherever they are: nothing passes
     through the driver, and a worker on another node fetches its own.
     """
+    from ray.data.dataset import MaterializedDataset
+
     with preserved_order():  # the same rows reach the same worker every run
         pieces = {}
         for name, ds in datasets.items():
             if num_workers == 1:
-                parts = [ds.materialize()]
+                # materialize() of a materialized dataset still registers an execution with Ray
+                # Data's stats actor, starting it (seconds of CPU on 2 cores)
+                parts = [ds if isinstance(ds, MaterializedDataset) else ds.materialize()]
             elif name == "train":
                 parts = ds.split(num_workers, equal=True)
             else:
@@ -43,11 +47,24 @@ def split_for_workers(datasets: dict[str, ray.data.Dataset], *, num_workers: int
 
 def _block_ranges(ds: ray.data.Dataset) -> list[BlockRange]:
     ranges = []
-    for bundle in ds.iter_internal_ref_bundles():
+    for bundle in source_bundles(ds) or ds.iter_internal_ref_bundles():
         for entry, cut in zip(bundle.blocks, bundle.slices):
             start, stop = (0, entry.metadata.num_rows) if cut is None else (cut.start_offset, cut.end_offset)
             ranges.append((entry.ref, start, stop))
     return ranges
+
+
+def source_bundles(ds: ray.data.Dataset) -> Optional[list]:
+    """The block bundles of a dataset that is only its blocks (materialized, or made by a
+    `ray.data.from_*` call), read off its plan's source operator. `iter_internal_ref_bundles`
+    would run an execution to list them, and Ray Data's first execution in a session starts its
+    stats and autoscaling actors: measured here, ~5 s of CPU on 2 cores for a run that needs
+    neither. None when the plan holds more than its blocks (a read, a map) or Ray's plan classes
+    differ from 2.60's (`output_data` on `InputData` and `AbstractFrom`): then list them by
+    executing."""
+    source = getattr(getattr(ds, "_logical_plan", None), "dag", None)
+    output_data = getattr(source, "output_data", None)
+    return output_data() if callable(output_data) else None
 
 
 def read_block_ranges(ranges: list[BlockRange]) -> Optional[dict[str, np.ndarray]]:
@@ -64,3 +81,27 @@ def read_block_ranges(ranges: list[BlockRange]) -> Optional[dict[str, np.ndarray
     if not columns:
         return None
     return {name: np.concatenate([c[name] for c in columns]) for name in ("x", "y")}
+
+
+def head_rows(ds: ray.data.Dataset, num_rows: int) -> dict[str, np.ndarray]:
+    """The `x` and `y` of the first `num_rows` rows (all of them when there are fewer), as
+    `ds.take_batch(num_rows, batch_format="numpy")` gives them. A materialized dataset's first
+    blocks are fetched as they are: a Ray Data pass for a handful of rows would start Ray Data's
+    stats and autoscaling actors (seconds of CPU on 2 cores) in a run that needs neither. A lazy
+    dataset (data.in_memory: false) is taken by Ray Data."""
+    from ray.data.dataset import MaterializedDataset
+
+    if not isinstance(ds, MaterializedDataset):
+        batch = ds.take_batch(num_rows, batch_format="numpy")
+        return {"x": batch["x"], "y": batch["y"]}
+    ranges, have = [], 0
+    for ref, start, stop in _block_ranges(ds):
+        if have >= num_rows:
+            break
+        stop = min(stop, start + num_rows - have)
+        ranges.append((ref, start, stop))
+        have += stop - start
+    rows = read_block_ranges(ranges)
+    if rows is None:
+        raise ValueError("head_rows: the dataset holds no rows")
+    return rows
