@@ -153,8 +153,9 @@ def latest_epoch(names: set[str]) -> int:
     return max((int(n.rsplit("_", 1)[1]) for n in names), default=0)
 
 
-def first_line(driver: Driver, prefix: str, *, timeout_s: float = 120) -> Optional[str]:
-    """The driver's first output line from now on that starts with `prefix`; None if it exits first."""
+def first_line(driver: Driver, prefix: str | tuple[str, ...], *, timeout_s: float = 120) -> Optional[str]:
+    """The driver's first output line from now on that starts with `prefix` (or one of them); None
+    if it exits first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
