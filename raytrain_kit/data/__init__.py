@@ -5,8 +5,9 @@ Owns everything between a `DataConfig` and the `{"train", "val"}` datasets hande
 `sources` (the readers and the choice of columns), `stats` (one statistics pass that finds
 schema problems before any training worker starts), `split` (a seeded train/validation split by
 row contents, and cross-validation folds), `encode` (the preprocessing fitted on the training
-split: standardization, imputation, one-hot encoding, class names), `build` (the entry point, `build_datasets`), `spec`
-(the `DataSpec` models are built from) and `shards` (each worker's piece, read into memory).
+split: standardization, imputation, one-hot encoding, class names), `build` (the entry point, `build_datasets`), `in_driver`
+(a small table the driver holds, taken through the same steps without a Ray Data execution),
+`spec` (the `DataSpec` models are built from) and `shards` (each worker's piece, read into memory).
 Rows leave here as two columns, `x` (float32 features) and `y` (label).
 Exercised by `raytrain-kit validate jobs/tabular_mlp.yaml` and `tests/test_data.py`.
 """
