@@ -249,7 +249,7 @@ def test_the_driver_build_gives_the_rows_and_statistics_of_ray_data(ray_session,
     driver (`data/in_driver.py`): the same rows in the same order, the same fitted statistics to
     the bit, as the Ray Data build (data.in_memory: false) of the same config."""
     from raytrain_kit.data import read_block_ranges, split_for_workers
-    from raytrain_kit.data.build import DriverTable, read_in_driver
+    from raytrain_kit.data.in_driver import DriverTable, read_in_driver
 
     raw = {"data": {"source": "digits", **data}, "train": {"seed": seed}}
     in_driver = build_experiment(raw)

@@ -56,15 +56,9 @@ class DriverTable:
         return self
 
     def repartition(self, num_blocks: int) -> "DriverTable":
-        assert num_blocks == 1, "a driver table is gathered into one block only"
-        if len(self.blocks) == 1:
-            return self
-        from ray.data.block import BlockAccessor
-
-        builder = BlockAccessor.for_block(self.blocks[0]).builder()
-        for block in self.blocks:
-            builder.add_block(block)
-        return DriverTable([builder.build()])
+        # A driver table is one block from its source on (`read_in_driver`), and every step keeps it.
+        assert num_blocks == 1 and len(self.blocks) == 1, "a driver table holds one block"
+        return self
 
     def schema(self):
         from ray.data.dataset import Schema
