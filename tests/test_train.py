@@ -207,3 +207,52 @@ def test_fit_from_a_script_starts_its_ray_like_the_cli(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "1"
     assert (tmp_path / "script" / "metrics.csv").exists()
+
+
+def test_the_report_queue_holds_the_controllers_handle_as_bytes(ray_session):
+    """Ray Train's controller sends its own handle through the run's report queue (the driver
+    aborts the run with it). Unpickled in the queue's process, a handle imports its class's
+    module: for the controller, Ray Train, 3 s of CPU there beside the run's first epochs. The
+    callback sends it pickled; the driver's follower unpickles it, and it works."""
+    import threading
+
+    import ray
+    from ray.util.queue import Queue
+
+    from raytrain_kit.launch import _follow, _forward_reports
+    from raytrain_kit.loop import REPORT_SEQ
+
+    @ray.remote(num_cpus=0)
+    class Controller:  # what Ray Train's controller does with the kit's callback: call after_report
+        def report(self, callback) -> str:
+            callback.after_report(None, [{"epoch": 1, REPORT_SEQ: [0.0, 0]}], None)
+            return ray.get_runtime_context().get_actor_id()
+
+        def actor_id(self) -> str:
+            return ray.get_runtime_context().get_actor_id()
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    controller = Controller.remote()
+    stop, abort, seen, epochs = threading.Event(), threading.Event(), {}, []
+    follower = threading.Thread(target=_follow, args=(queue, epochs.append, stop, abort, None, seen), daemon=True)
+    try:
+        controller_id = ray.get(controller.report.remote(_forward_reports(queue)))
+        deadline = time.monotonic() + 60  # the callback's puts travel without waiting
+        while queue.size() < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # What the queue's process holds (asyncio.Queue's deque), before the driver takes it.
+        held = ray.get(queue.actor.__ray_call__.remote(
+            lambda self: [type(m["controller"]).__name__ for m in self.queue._queue if "controller" in m]))
+        assert held == ["bytes"]
+        follower.start()
+        deadline = time.monotonic() + 60
+        while not epochs and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [e["epoch"] for e in epochs] == [1]
+        assert ray.get(seen["controller"].actor_id.remote()) == controller_id
+    finally:
+        stop.set()
+        if follower.is_alive():
+            follower.join(timeout=10)
+        ray.kill(queue.actor)
+        ray.kill(controller)
