@@ -10,6 +10,7 @@ training, then `close_run` (checkpoints reconciled, summary): `fit` trains throu
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -285,16 +286,36 @@ def scaling_config(cfg: Experiment) -> ScalingConfig:
                          resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})})
 
 
+@functools.lru_cache(maxsize=None)
+def _trainer_class():
+    """`TorchTrainer`, less the dataset manager actor when a run passes it no datasets.
+
+    Ray Train 2.60 starts that actor (a process importing Ray Data: about 1 s of CPU, on the
+    critical path of a run's start on 2 cores) for every run, datasets or none; in-memory data
+    reaches the workers in their loop config and never asks it for a shard. Without the actor
+    a worker's train context has no shard provider, which only `get_dataset_shard` reads.
+    The hook is Ray Train's private `_create_default_callbacks`: a Ray without it leaves the
+    trainer as it is."""
+    from ray.train.torch import TorchTrainer
+
+    class KitTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [cb for cb in callbacks if type(cb).__name__ != "DatasetsCallback"]
+
+    return KitTorchTrainer
+
+
 def build_trainer(cfg: Experiment, datasets: dict, spec: DataSpec, *, callbacks=(),
                   init_checkpoint: Optional[str] = None, gate: Optional[dict] = None,
                   queue=None, progress=None) -> TorchTrainer:
     """In-memory data is cut into per-worker pieces here (`data.split_for_workers`) and handed
     to the workers in their config; streamed data goes through Ray Train's own streaming split."""
-    from ray.train.torch import TorchTrainer
-
     s = cfg.scaling
     in_memory = cfg.data.in_memory
-    return TorchTrainer(
+    return _trainer_class()(
         train_loop_per_worker,
         train_loop_config={"experiment": cfg.model_dump(mode="json"), "spec": spec_to_dict(spec),
                            "init_checkpoint": init_checkpoint, "gate": gate, "run_dir": run_dir(cfg),

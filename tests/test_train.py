@@ -143,9 +143,14 @@ def test_resume_after_failure_continues_exactly(ray_session, storage):
 
 def test_embedded_ray_keeps_the_idle_processes_a_run_needs_again(ray_session, storage):
     """While a run's Train actors live, Ray keeps the idle processes that built its data and ran
-    its preflight (the next run reuses them) and starts no preemption watcher (one machine)."""
+    its preflight (the next run reuses them) and starts no preemption watcher (one machine) and,
+    its data in memory, no dataset manager (an actor importing Ray Data that nothing would ask)."""
     from ray.util.state import list_actors, list_workers
 
+    def dataset_managers() -> int:
+        return len(list_actors(filters=[("class_name", "=", "DatasetManager")], limit=10_000))
+
+    managers_before = dataset_managers()
     since_ms = time.time() * 1000
     cfg = build_experiment({"data": {"source": "synthetic", "num_rows": 600, "num_features": 8, "num_classes": 3},
                             "model": {"kind": "mlp", "hidden": [16]}, "train": {"epochs": 1, "batch_size": 32},
@@ -157,6 +162,7 @@ def test_embedded_ray_keeps_the_idle_processes_a_run_needs_again(ray_session, st
     assert ended, "no process ended during the run"  # at least its Train actors did: the query sees them
     assert not [w.exit_detail for w in ended if "idle" in (w.exit_detail or "")]
     assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")], limit=10_000)
+    assert cfg.data.in_memory and dataset_managers() == managers_before
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
