@@ -218,7 +218,7 @@ def test_fit_from_a_script_starts_its_ray_like_the_cli(tmp_path):
 def test_the_report_queue_holds_the_controllers_handle_as_bytes(ray_session):
     """Ray Train's controller sends its own handle through the run's report queue (the driver
     aborts the run with it). Unpickled in the queue's process, a handle imports its class's
-    module: for the controller, Ray Train, 3 s of CPU there beside the run's first epochs. The
+    module: for the controller, Ray Train, 1.3-1.5 s of CPU there beside the run's first epochs. The
     callback sends it pickled; the driver's follower unpickles it, and it works."""
     import threading
 
