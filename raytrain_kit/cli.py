@@ -333,15 +333,26 @@ def _advise(args) -> int:
 @contextlib.contextmanager
 def _quiet_thread_errors(args) -> Iterator[None]:
     """A background thread's exception (TensorBoard's writer on a full disk, say) as one warning
-    line, not a traceback, while the command runs; with --verbose as Python prints it."""
+    line, not a traceback, while the command runs; with --verbose as Python prints it.
+
+    A full disk's warnings are held to the command's end and printed once each: the same disk
+    fills under the run's checkpoint too, and the command's own error, which names the disk
+    and the remedy, is then its first line whichever writer found the disk full first."""
+    import errno
     import threading
 
     from raytrain_kit.progress import VERBOSE
 
+    held: dict[str, None] = {}  # an ordered set
+
     def hook(info) -> None:
-        if info.exc_type is not SystemExit:
-            print(f"warning: {info.exc_type.__name__}: {short_message(info.exc_value)} (in a background thread)",
-                  file=sys.stderr)
+        if info.exc_type is SystemExit:
+            return
+        line = f"warning: {info.exc_type.__name__}: {short_message(info.exc_value)} (in a background thread)"
+        if isinstance(info.exc_value, OSError) and info.exc_value.errno == errno.ENOSPC:
+            held[line] = None
+        else:
+            print(line, file=sys.stderr)
 
     previous = threading.excepthook
     if _verbosity(args) < VERBOSE:
@@ -350,6 +361,8 @@ def _quiet_thread_errors(args) -> Iterator[None]:
         yield
     finally:
         threading.excepthook = previous
+        for line in held:
+            print(line, file=sys.stderr)
 
 
 def run() -> None:

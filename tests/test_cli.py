@@ -294,3 +294,31 @@ def test_predicts_bad_run_directory_is_one_line_before_ray_starts(tmp_path):
         assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith(expected), done.stderr
         assert "Started a local Ray instance" not in done.stdout + done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_in_a_background_thread_warns_once_after_the_commands_own_error(capsys):
+    """TensorBoard's writer thread may find the run's disk full before the checkpoint does: the
+    command's error (naming the disk and the remedy) stays its first line, the writer's warning
+    comes after it, once; other background errors are warned as they happen."""
+    import argparse
+    import errno
+    import threading
+
+    from raytrain_kit.cli import _quiet_thread_errors
+
+    def fill():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def other():
+        raise ValueError("bad value")
+
+    with _quiet_thread_errors(argparse.Namespace(verbose=False, quiet=False)):
+        for target in (fill, other, fill):
+            thread = threading.Thread(target=target)
+            thread.start()
+            thread.join()
+        print("error: run.storage_path: no space left on the disk", file=sys.stderr)
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: ValueError: bad value (in a background thread)",
+        "error: run.storage_path: no space left on the disk",
+        "warning: OSError: [Errno 28] No space left on device (in a background thread)"]
