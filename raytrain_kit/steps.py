@@ -147,6 +147,8 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
     # place they stay views; set to None, the micro-batches before the last (no_sync) would
     # accumulate into fresh tensors, a second copy of every gradient beside the buckets.
     bucket_views = bool(getattr(model, "gradient_as_bucket_view", False))
+    # Listed once: walking the module tree for them took as long as the finiteness check itself.
+    parameters = list(model.parameters())
     started = time.perf_counter()
     num_batches = 0
     it = iter(batches)
@@ -166,8 +168,7 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
         if scaler is not None:
             scaler.unscale_(optimizer)
         add_penalty_gradients(penalized, l1=reg.l1, l2=reg.l2)
-        grad_norm = gradient_norm(model, clip=reg.grad_clip_norm)
-        if not torch.isfinite(grad_norm):
+        if not gradients_finite(parameters, clip=reg.grad_clip_norm):
             optimizer.zero_grad(set_to_none=not bucket_views)
             if scaler is not None and all(bool(torch.isfinite(loss)) for loss, _, _ in micro):
                 scaler.update()  # fp16 overflow: the scaler lowers its scale and the step is dropped
@@ -229,15 +230,17 @@ def _record_step(result: EpochResult, micro: list, *, rows: int, classification:
     result.num_steps += 1
 
 
-def gradient_norm(model: nn.Module, *, clip: Optional[float]) -> torch.Tensor:
-    """The gradients' global norm (NaN/inf when any is not finite), clipped to `clip` if set.
-    Sharded gradients give their norm over every shard. Without clipping only the norm is
-    computed: clip_grad_norm_ with an infinite bound would still rescale every gradient by 1.0."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    norm = parallel.full_value(nn.utils.get_total_norm(grads))
-    if clip:
-        nn.utils.clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], clip, norm)
-    return norm
+def gradients_finite(parameters: list[nn.Parameter], *, clip: Optional[float]) -> bool:
+    """Whether every gradient of `parameters` (a model's) is finite, after clipping them to the
+    global norm `clip` if set (`nn.utils.get_total_norm`: sharded gradients give their norm over
+    every shard; a non-finite gradient makes the norm NaN/inf). Without clipping no norm is needed, and a fused finiteness
+    check costs a tenth of one (`parallel.all_tensors_finite`)."""
+    with_grad = [p for p in parameters if p.grad is not None]
+    if not clip:
+        return parallel.all_tensors_finite([p.grad for p in with_grad])
+    norm = parallel.full_value(nn.utils.get_total_norm([p.grad for p in with_grad]))
+    nn.utils.clip_grads_with_norm_(with_grad, clip, norm)
+    return bool(torch.isfinite(norm))
 
 
 def global_step_losses(step_losses: list[tuple[float, int]]) -> list[float]:

@@ -66,6 +66,26 @@ def step_losses(optimizer: str, strategy: str, precision: str, *, rank: int, wor
     return losses + [validate(state, data)["val_loss"]]
 
 
+def nonfinite_seen_by_every_rank(strategy: str, *, rank: int, world_size: int) -> list[bool]:
+    """The unclipped finiteness check on sharded gradients (`parallel.all_tensors_finite`), as
+    this rank answers it: [after one backward, after the last rank put a NaN into its own shard]."""
+    import torch.nn.functional as F
+
+    from raytrain_kit.loop import build_train_state
+    from raytrain_kit.parallel import all_tensors_finite, local_tensor
+
+    cfg = config("adamw", strategy, "fp32", num_workers=world_size)
+    state = build_train_state(cfg, SPEC, rank=rank, world_size=world_size, device=torch.device("cpu"))
+    x, y = rows()
+    mine = block_of(rank, world_size)[:GLOBAL_BATCH // world_size]
+    F.cross_entropy(state.module(torch.from_numpy(x[mine])), torch.from_numpy(y[mine])).backward()
+    grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+    before = all_tensors_finite(grads)
+    if rank == world_size - 1:  # the first layer's weight: 16 rows, a few in every rank's shard
+        local_tensor(grads[0]).view(-1)[0] = float("nan")
+    return [before, all_tensors_finite(grads)]
+
+
 def matrix_per_worker(loop_config: dict) -> None:
     """Every combination in turn; rank 0 writes {name: losses or the error} to loop_config["out"]."""
     import ray.train
@@ -83,5 +103,11 @@ def matrix_per_worker(loop_config: dict) -> None:
                 except Exception as error:  # noqa: BLE001 - every failing combination is reported
                     results[name] = f"{type(error).__name__}: {str(error)[:300]}"
                 dist.barrier()
+    for strategy in STRATEGIES[1:]:  # sharded: each rank checks its own shards
+        try:
+            results[f"nonfinite/{strategy}"] = nonfinite_seen_by_every_rank(strategy, rank=rank, world_size=world_size)
+        except Exception as error:  # noqa: BLE001
+            results[f"nonfinite/{strategy}"] = f"{type(error).__name__}: {str(error)[:300]}"
+        dist.barrier()
     if rank == 0:
         Path(loop_config["out"]).write_text(json.dumps(results))

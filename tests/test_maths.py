@@ -250,3 +250,36 @@ def test_accumulating_k_micro_batches_of_b_equals_one_batch_of_k_b():
     assert results[0][-1] < 0.8 * results[0][0]
     for name, value in states[0].items():
         assert torch.allclose(value, states[1][name], atol=1e-5), name
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_a_step_with_one_non_finite_gradient_is_refused_and_a_finite_one_is_left_as_it_was(clip):
+    """The finiteness check without clipping (a fused check, no norm) gives the norm's answer:
+    any NaN or inf in any gradient, of any dtype, refuses the step; finite gradients keep their
+    values unless clipped."""
+    from raytrain_kit.steps import gradients_finite
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    model[2].to(torch.bfloat16)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.grad.clone() for p in params]
+    assert gradients_finite(params, clip=clip) is True
+    scale = min(1.0, clip / float(torch.cat([g.float().flatten() for g in before]).norm())) if clip else 1.0
+    for p, g in zip(params, before):
+        if clip:  # the norm sums each dtype's part in that dtype: bf16's rounding enters the scale
+            assert torch.allclose(p.grad.float(), g.float() * scale, rtol=1e-2)
+        else:
+            assert torch.equal(p.grad, g)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for p in (params[1], params[3]):  # a float32 bias, a bfloat16 bias
+            for q in params:  # clipping by a NaN norm leaves every gradient NaN (the step is refused)
+                q.grad = torch.randn_like(q)
+            p.grad[-1] = bad
+            assert gradients_finite(params, clip=clip) is False, (bad, p.dtype)
+    for q in params[1:]:
+        q.grad = torch.randn_like(q)
+    params[0].grad = None  # a parameter without a gradient (frozen, or unused this step)
+    assert gradients_finite(params, clip=clip) is True

@@ -45,3 +45,10 @@ def test_every_optimizer_strategy_and_precision_takes_one_process_steps(matrix, 
                                        err_msg=f"{optimizer}/{strategy}/{precision}")
             np.testing.assert_allclose(got, matrix[f"{optimizer}/ddp/{precision}"], rtol=RTOL_SHARDED_VS_DDP,
                                        err_msg=f"{optimizer}/{strategy}/{precision} against ddp")
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES[1:])
+def test_a_nan_in_one_ranks_gradient_shard_stops_the_step_on_every_rank(matrix, strategy):
+    """Without clipping the step's finiteness check reads each rank's own shards; every rank must
+    refuse the step, or the ranks' weights part ways (rank 0 answers here, the NaN is rank 3's)."""
+    assert matrix[f"nonfinite/{strategy}"] == [True, False]
