@@ -182,7 +182,7 @@ def all_tensors_finite(tensors: list[torch.Tensor]) -> bool:
         by_device.setdefault(local.device, []).append(local)
     num_bad = 0.0
     for device, group in by_device.items():
-        found = torch.zeros(1, device=device)  # set to 1.0 where any element is NaN or inf
+        found = torch.zeros(1, device=device)  # the kernel sets it to 1.0 if any element is NaN or inf
         torch._amp_foreach_non_finite_check_and_unscale_(group, found, torch.ones(1, device=device))
         num_bad += float(found)
     if dist.is_initialized() and any(isinstance(t, DTensor) for t in tensors):

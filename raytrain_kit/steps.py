@@ -233,8 +233,8 @@ def _record_step(result: EpochResult, micro: list, *, rows: int, classification:
 def gradients_finite(parameters: list[nn.Parameter], *, clip: Optional[float]) -> bool:
     """Whether every gradient of `parameters` (a model's) is finite, after clipping them to the
     global norm `clip` if set (`nn.utils.get_total_norm`: sharded gradients give their norm over
-    every shard; a non-finite gradient makes the norm NaN/inf). Without clipping no norm is needed, and a fused finiteness
-    check costs a tenth of one (`parallel.all_tensors_finite`)."""
+    every shard; a non-finite gradient makes the norm NaN/inf). Without clipping no norm is
+    needed, and a fused finiteness check costs a tenth of one (`parallel.all_tensors_finite`)."""
     with_grad = [p for p in parameters if p.grad is not None]
     if not clip:
         return parallel.all_tensors_finite([p.grad for p in with_grad])
