@@ -91,10 +91,11 @@ def end_group(process: subprocess.Popen) -> None:
             continue
 
 
-def kill_driver_when(command: list[str], *, done, cwd, poll_s: float = 0.1, timeout_s: float = 300) -> None:
+def kill_driver_when(command: list[str], *, done, cwd, poll_s: float = 0.1, timeout_s: float = 300,
+                     extra_env: dict[str, str] | None = None) -> None:
     """Run a kit command in its own process group (the driver and the embedded Ray it starts),
     and SIGKILL that group as soon as `done()` is true: a driver lost mid-run."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | (extra_env or {})
     driver = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, start_new_session=True)
     try:

@@ -342,13 +342,18 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     from chaos import terminated_trials
     from ray_heads import kill_driver_when
 
+    epochs = 16
     config = tmp_path / "resumable.yaml"
-    config.write_text(yaml.safe_dump({**SMALL, "train": {"epochs": 2, "batch_size": 64},
+    config.write_text(yaml.safe_dump({**SMALL, "train": {"epochs": epochs, "batch_size": 64},
                                       "run": {"storage_path": str(tmp_path / "runs")},
                                       "tune": {"space": {"optim.lr": {"grid": [0.002, 0.004, 0.008]}}, "num_samples": 1}}))
     sweep_dir = tmp_path / "runs" / "resumable"
     command = [sys.executable, "-m", "raytrain_kit", "tune", str(config)]
-    kill_driver_when(command, done=lambda: bool(terminated_trials(sweep_dir)), cwd=REPO, poll_s=0.2)
+    # Tune writes its state at most every 10 s by default, and the three in-process trials all
+    # finish inside 10 s: saved at every step, the first finished trial is on disk while the third
+    # still trains (~0.15 s an epoch, so seconds, against the 0.2 s poll), and the kill lands between.
+    kill_driver_when(command, done=lambda: bool(terminated_trials(sweep_dir)), cwd=REPO, poll_s=0.2,
+                     extra_env={"TUNE_GLOBAL_CHECKPOINT_S": "0"})
     time.sleep(3)  # Ray's actor processes outlive their raylet by a moment
     finished_before = terminated_trials(sweep_dir)
     assert 1 <= len(finished_before) < 3, "the driver died too late to test a resume"
@@ -362,7 +367,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tmp_path):
     table = pd.read_csv(sweep_dir / "trials.csv")
     assert len(table) == 3 and table["trial_id"].is_unique
     assert sorted(table["optim.lr"]) == [0.002, 0.004, 0.008]
-    assert (table["status"] == "finished").all() and (table["epochs_run"] == 2).all()
+    assert (table["status"] == "finished").all() and (table["epochs_run"] == epochs).all()
     # The finished trials were not trained again: no new run, their summaries untouched.
     for trial_id in finished_before:
         assert f"trial {trial_id} " not in resumed.stdout
