@@ -170,12 +170,8 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
         add_penalty_gradients(penalized, l1=reg.l1, l2=reg.l2)
         if not gradients_finite(parameters, clip=reg.grad_clip_norm):
             optimizer.zero_grad(set_to_none=not bucket_views)
-            if scaler is not None and all(bool(torch.isfinite(loss)) for loss, _, _ in micro):
-                scaler.update()  # fp16 overflow: the scaler lowers its scale and the step is dropped
-                continue
-            result.num_nonfinite += 1
-            if cfg.train.on_nonfinite != "skip" or result.num_nonfinite > nonfinite_budget:
-                result.stopped = True
+            if _refused_step_stops_epoch(result, micro, scaler=scaler, on_nonfinite=cfg.train.on_nonfinite,
+                                         nonfinite_budget=nonfinite_budget):
                 break
             continue
         _apply_update(optimizer, scheduler, scaler, cfg)
@@ -186,6 +182,21 @@ def train_epoch(model: nn.Module, batches: Iterable[Batch], *, cfg: Experiment,
             on_batch(num_batches, int(result.sums.samples), result.sums.loss / max(result.sums.samples, 1))
     result.compute_s = max(0.0, time.perf_counter() - started - result.data_s - result.sync_s)
     return result
+
+
+def _refused_step_stops_epoch(result: EpochResult, micro: list, *, scaler, on_nonfinite: str,
+                              nonfinite_budget: int) -> bool:
+    """Counts a step whose gradients were not finite (never applied); True when the epoch stops
+    there. An fp16 overflow (every loss finite, a `scaler`) is not counted: the scaler lowers its
+    scale and the step is dropped, as `GradScaler.step` would."""
+    if scaler is not None and all(bool(torch.isfinite(loss)) for loss, _, _ in micro):
+        scaler.update()
+        return False
+    result.num_nonfinite += 1
+    if on_nonfinite != "skip" or result.num_nonfinite > nonfinite_budget:
+        result.stopped = True
+        return True
+    return False
 
 
 def _backward_micro_batches(model: nn.Module, group: list[Batch], *, rows: int, classification: bool,
