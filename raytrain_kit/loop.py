@@ -351,12 +351,13 @@ def _named_parameter_values(model: nn.Module) -> Iterator[tuple[str, torch.Tenso
         yield name, values, grad
 
 
-def write_checkpoint(state: TrainState, directory: Path) -> None:
+def write_checkpoint(state: TrainState, directory: Path, *, durable: bool = True) -> None:
     """Every rank calls it after the report that asked for one: this rank's part of the checkpoint
-    of the epoch just completed (see checkpoint.py for the layout)."""
+    of the epoch just completed (see checkpoint.py for the layout). `durable=False` for a temp
+    directory that is uploaded, then deleted: no fsync per file."""
     train_state = {"scheduler": scheduler_state(state.scheduler), "epoch": state.epoch - 1, "step": state.step}
     if state.sharded:  # every rank writes its own shards of the model and optimizer
-        ckpt.write_sharded(directory, model=state.model, optimizer=state.optimizer)
+        ckpt.write_sharded(directory, model=state.model, optimizer=state.optimizer, durable=durable)
     else:
         train_state["optimizer"] = state.optimizer.state_dict()
     rank0 = state.rank == 0
@@ -365,7 +366,7 @@ def write_checkpoint(state: TrainState, directory: Path) -> None:
                           train_state=train_state if rank0 else None, history=state.history if rank0 else None,
                           steps={"first_epoch": state.first_epoch, "steps": state.step_rows} if rank0 else None,
                           records={ckpt.DATA_FILE: spec_to_dict(state.spec), ckpt.CONFUSION_FILE: state.val_confusion}
-                          if rank0 else None)
+                          if rank0 else None, durable=durable)
 
 
 # ---------------------------------------------------------------------------------------------

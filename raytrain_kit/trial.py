@@ -129,7 +129,7 @@ def save_checkpoint(state: TrainState, directory: str) -> str:
 
         local = Path(tempfile.mkdtemp(prefix="raytrain-kit-ckpt-"))
         try:
-            write_checkpoint(state, local)
+            write_checkpoint(state, local, durable=False)  # copied to the store, then deleted
             pafs.copy_files(str(local), path, destination_filesystem=fs)
         finally:
             shutil.rmtree(local, ignore_errors=True)
