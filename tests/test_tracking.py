@@ -133,6 +133,26 @@ def test_run_writes_metrics_csv_tensorboard_mlflow_and_its_report(ray_session, t
     assert "![" in (run_dir / "report.md").read_text() and "curves.png" in (run_dir / "report.md").read_text()
 
 
+def test_every_epoch_reaches_the_records_once_in_order_whichever_way_it_travelled(ray_session, tmp_path):
+    """Epochs with a checkpoint (and the first) travel through Ray Train's controller, the others
+    straight from rank 0 to the driver (worker.py): here 1, 3, 6 one way and 2, 4, 5 the other."""
+    cfg = build_experiment({
+        "data": {"source": "digits"}, "model": {"kind": "mlp", "hidden": [32]},
+        "train": {"epochs": 6, "batch_size": 64}, "scaling": {"num_workers": 2}, "preflight": {"enabled": False},
+        "checkpoint": {"every_epochs": 3, "keep": 2}, "run": {"name": "routes", "storage_path": str(tmp_path / "runs")}})
+    summary = fit(cfg)
+    run_dir = tmp_path / "runs" / "routes"
+
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert metrics["epoch"].tolist() == [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6]
+    assert metrics["val_accuracy"].tolist() == pytest.approx([h["val_accuracy"] for h in summary["history"]])
+    assert metrics["wall_time"].is_monotonic_increasing
+    steps_per_epoch = metrics["step"][0]  # 718 rows a worker in batches of 64: 12
+    assert steps_per_epoch == 12 and metrics["step"].tolist() == [steps_per_epoch * e for e in range(1, 7)]
+    assert pd.read_csv(run_dir / "steps.csv")["step"].tolist() == list(range(1, 6 * steps_per_epoch + 1))
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*")) == ["checkpoint_epoch_0003", "checkpoint_epoch_0006"]
+
+
 def test_report_refuses_a_folder_that_is_neither_run_nor_sweep(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {tmp_path}: neither a run (summary.json) nor a sweep "
