@@ -140,9 +140,12 @@ def test_every_epoch_reaches_the_records_once_in_order_whichever_way_it_travelle
         "data": {"source": "digits"}, "model": {"kind": "mlp", "hidden": [32]},
         "train": {"epochs": 6, "batch_size": 64}, "scaling": {"num_workers": 2}, "preflight": {"enabled": False},
         "checkpoint": {"every_epochs": 3, "keep": 2}, "run": {"name": "routes", "storage_path": str(tmp_path / "runs")}})
-    summary = fit(cfg)
+    arrived: list[dict] = []
+    summary = fit(cfg, on_epoch=arrived.append)
     run_dir = tmp_path / "runs" / "routes"
 
+    # As they arrived (the records alone would heal from the last checkpoint's history).
+    assert [m["epoch"] for m in arrived] == [1, 2, 3, 4, 5, 6]
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert metrics["epoch"].tolist() == [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4, 5, 6]
     assert metrics["val_accuracy"].tolist() == pytest.approx([h["val_accuracy"] for h in summary["history"]])
