@@ -197,7 +197,10 @@ def _train(args) -> int:
     from raytrain_kit.cluster import connect
     from raytrain_kit.progress import VERBOSE, Progress, format_startup
 
+    from raytrain_kit.storage import check_run_name
+
     cfg = _load(args)
+    check_run_name(cfg, resume=args.resume)  # refused in a moment, not after Ray's start
     progress = Progress(total_epochs=cfg.train.epochs, verbosity=_verbosity(args))
     started_ray = connect(args.address, verbose=progress.verbosity >= VERBOSE)  # before the kit's heavy imports
     from raytrain_kit.api import train

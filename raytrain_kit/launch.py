@@ -36,7 +36,8 @@ from raytrain_kit.materialize import build_on_meta
 from raytrain_kit.models import build_model
 from raytrain_kit.parallel import check_blocks, is_sharded
 from raytrain_kit.preflight import run_preflight
-from raytrain_kit.storage import filesystem, path_exists, read_run_file, write_run_file  # noqa: F401 (re-exported)
+from raytrain_kit.storage import check_run_name, filesystem, path_exists, read_run_file, run_dir, storage_root, \
+    write_run_file  # noqa: F401 (re-exported)
 from raytrain_kit.tracking import RunRecorder, check_tracking
 from raytrain_kit.loop import REPORT_SEQ, STARTUP, STEP_LOSSES
 from raytrain_kit.kept import (SUMMARY_FILE, _checkpoint_names_on_disk, _registered_checkpoint_names,  # noqa: F401
@@ -52,17 +53,6 @@ CONFIG_FILE = "config.yaml"
 
 # ---------------------------------------------------------------------------------------------
 # Ray and storage
-
-
-def storage_root(cfg: Experiment) -> str:
-    """`run.storage_path` as Ray Train wants it: absolute for local paths, URIs unchanged."""
-    path = cfg.run.storage_path
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
-def run_dir(cfg: Experiment) -> str:
-    assert cfg.run.name, "load_experiment names every run"
-    return f"{storage_root(cfg).rstrip('/')}/{cfg.run.name}"
 
 
 def read_history(checkpoint_uri: str) -> list[dict]:
@@ -492,13 +482,7 @@ def open_run(cfg: Experiment, *, resume: bool, datasets_and_spec: Optional[tuple
     if link is not None:  # a trial's process outlives many runs: its start-up counts from the run's
         startup.update(process_started=startup["fit_called"], ray_ready=None)
     directory = run_dir(cfg)
-    exists = path_exists(directory)
-    if exists and not resume:
-        raise ConfigError(f"run.name: run {cfg.run.name!r} already exists at {directory}; pass --resume "
-                          "(Python: resume=True) to continue it, or --set run.name=<new name> (Python: an "
-                          "override {'run.name': ...}) to start another")
-    if resume and not exists:
-        raise ConfigError(f"--resume: no run {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
+    check_run_name(cfg, resume=resume)
     if resume:
         check_checkpoint_strategy(cfg, directory)
     check_resources(cfg)
@@ -574,6 +558,7 @@ def fit(cfg: Experiment, *, resume: bool = False, on_epoch: Optional[Callable[[d
     the sweep's side of a trial's run (abort, gate, clone, MLflow parent). Called with no Ray
     running (a script's or notebook's first fit), it starts the Ray `raytrain-kit train` would."""
     if not ray.is_initialized():
+        check_run_name(cfg, resume=resume)  # refused before Ray's start, not after
         connect()
     run = open_run(cfg, resume=resume, datasets_and_spec=datasets_and_spec, link=trial, on_epoch=on_epoch, log=log)
     link = trial or TrialLink()

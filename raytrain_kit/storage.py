@@ -6,11 +6,43 @@ paths. Exercised by every `raytrain-kit train`.
 
 from __future__ import annotations
 
+import os
+from typing import TYPE_CHECKING
+
 import pyarrow.fs as pafs
+
+from raytrain_kit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from raytrain_kit.config import Experiment
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+
+
+def storage_root(cfg: "Experiment") -> str:
+    """`run.storage_path` as Ray Train wants it: absolute for local paths, URIs unchanged."""
+    path = cfg.run.storage_path
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def run_dir(cfg: "Experiment") -> str:
+    assert cfg.run.name, "load_experiment names every run"
+    return f"{storage_root(cfg).rstrip('/')}/{cfg.run.name}"
+
+
+def check_run_name(cfg: "Experiment", *, resume: bool) -> None:
+    """The resume-or-refuse decision, made before anything starts (Ray included): a run that
+    exists is continued only with `resume`, and one that does not cannot be. Raises ConfigError."""
+    directory = run_dir(cfg)
+    exists = path_exists(directory)
+    if exists and not resume:
+        raise ConfigError(f"run.name: run {cfg.run.name!r} already exists at {directory}; pass --resume "
+                          "(Python: resume=True) to continue it, or --set run.name=<new name> (Python: an "
+                          "override {'run.name': ...}) to start another")
+    if resume and not exists:
+        raise ConfigError(f"--resume: no run {cfg.run.name!r} at {directory} to continue; drop --resume to start it")
 
 
 def path_exists(uri: str) -> bool:

@@ -115,6 +115,25 @@ def _run_cli(*args, cwd=REPO, timeout=300):
                           text=True, timeout=timeout)
 
 
+def test_a_run_name_taken_or_missing_is_refused_before_any_ray(tmp_path):
+    """`train` refuses to overwrite a run, or to resume one that is not there, before it starts or
+    joins a Ray: with RAY_ADDRESS pointing at no cluster, the error is still the run's own."""
+    storage = tmp_path / "runs"
+    (storage / "digits").mkdir(parents=True)
+    (storage / "digits" / "summary.json").write_text("{}")
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}
+    for extra, expected in [([], "error: run.name: run 'digits' already exists at "),
+                            (["--resume", "--set", "run.name=never-ran"], "error: --resume: no run 'never-ran' at ")]:
+        done = subprocess.run([sys.executable, "-m", "raytrain_kit", "train", "jobs/digits.yaml",
+                               "--set", f"run.storage_path={storage}", *extra],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith(expected), line
+        assert done.stdout == ""
+    assert sorted(p.name for p in storage.iterdir()) == ["digits"] and (storage / "digits" / "summary.json").read_text() == "{}"
+
+
 def test_process_exit_code_and_no_traceback(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("optim:\n  lr: -1\nmodel:\n  kind: transformer\n")
