@@ -710,7 +710,29 @@ def export_run(directory: str, out: str, *, epoch: Optional[int] = None) -> tupl
     data = checkpoint_record(chosen, ckpt.DATA_FILE)
     if data is not None:  # what a prediction must do to raw rows first, beside the weights
         ckpt.save_json(data, Path(exported_data_path(out_path)))
-    return chosen, sum(t.numel() for t in state.values() if t.is_floating_point())
+    return chosen, count_parameters(directory, state, data)
+
+
+def count_parameters(directory: str, state: dict, data: Optional[dict]) -> int:
+    """The run's model's parameters, from the model rebuilt on the meta device (no memory) out of
+    the run's config.yaml and data spec: a state dict also holds buffers (BatchNorm's running
+    statistics), which are not parameters. Without the spec, or when the model cannot be rebuilt
+    (a custom target this process cannot import), the state dict's floating-point tensors."""
+    import yaml
+
+    from raytrain_kit.config import build_experiment
+    from raytrain_kit.data import spec_from_dict
+    from raytrain_kit.models import MODELS
+
+    if data is not None:
+        try:
+            cfg = build_experiment(yaml.safe_load(read_run_file(directory, CONFIG_FILE)))
+            with torch.device("meta"):
+                model = MODELS[cfg.model.kind](cfg.model, spec_from_dict(data))
+            return sum(p.numel() for p in model.parameters())
+        except Exception:
+            pass
+    return sum(t.numel() for t in state.values() if t.is_floating_point())
 
 
 def worker_failures(directory: str, *, since: float = 0.0) -> list[dict]:

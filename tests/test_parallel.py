@@ -217,11 +217,17 @@ def test_every_rank_evaluates_the_checkpointed_batchnorm_statistics(ray_session,
                           "model.kwargs": {"record_dir": str(records)},
                           # Histograms gather a root-sharded model's weights before the checkpoint.
                           "tracking.tensorboard": True})
-    result = fit(cfg, datasets_and_spec=_datasets(2))
+    datasets, spec = _datasets(2)
+    result = fit(cfg, datasets_and_spec=(datasets, spec))
     exported = tmp_path / "model.pt"
-    used, _ = export_run(result["run_dir"], str(exported))
+    used, num_parameters = export_run(result["run_dir"], str(exported))
     assert used.endswith("checkpoint_epoch_0002")
     state = torch.load(exported, weights_only=True)
+    # Parameters, not the running statistics the state dict holds beside them.
+    from test_models_lib import build_batchnorm_mlp
+
+    assert num_parameters == sum(p.numel() for p in build_batchnorm_mlp(spec, record_dir=str(records)).parameters())
+    assert num_parameters < sum(t.numel() for t in state.values() if t.is_floating_point())
 
     def last_evaluation(rank: int) -> dict:
         return json.loads((records / f"rank{rank}.jsonl").read_text().splitlines()[-1])
