@@ -196,7 +196,6 @@ def _finish(directory: str, progress, *, started_ray: bool) -> None:
 def _train(args) -> int:
     from raytrain_kit.cluster import connect
     from raytrain_kit.progress import VERBOSE, Progress, format_startup
-
     from raytrain_kit.storage import check_run_name
 
     cfg = _load(args)

@@ -6,8 +6,8 @@ checkpoint (or a sweep clone's), and for each epoch `loop.run_epochs` yields it 
 metrics: an epoch with a checkpoint (and the first) through `ray.train.report` (a barrier: every
 rank reports), writing the checkpoint into a temp directory that Ray Train uploads to the run's
 storage; any other epoch straight from rank 0 to the driver's report queue. In a sweep under
-ASHA it then waits at the rung for the scheduler's decision. A failing worker writes its own account into the
-run directory. Exercised by `raytrain-kit train jobs/digits.yaml` and `jobs/fsdp_mlp.yaml`.
+ASHA it then waits at the rung for the scheduler's decision. A failing worker writes its own
+account into the run directory. Exercised by `raytrain-kit train jobs/digits.yaml` and `jobs/fsdp_mlp.yaml`.
 """
 
 from __future__ import annotations
@@ -108,11 +108,10 @@ def _train_loop(loop_config: dict, where: dict) -> None:
         data = StreamedData(ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val"), state)
     startup["data_ready"] = time.time()
 
-    # The run's report queue, on rank 0 when the driver draws a progress bar (a Queue's truth is its length).
-    progress = loop_config.get("queue") if rank == 0 and loop_config.get("progress") else None
+    queue = loop_config.get("queue")  # the run's report queue (a Queue's truth is its length)
+    progress = queue if rank == 0 and loop_config.get("progress") else None  # when the driver draws a bar
     on_batch_for = (lambda epoch, first_step: _progress_sender(progress, epoch=epoch, num_batches=state.batches_per_epoch,
                                                               world_size=world_size)) if progress is not None else None
-    queue = loop_config.get("queue")
     for report in run_epochs(state, data, on_batch_for=on_batch_for):
         reported = report.payload(rank=rank, startup=startup)
         if rank == 0:  # their order: Ray's queue actor may run two puts in either order
