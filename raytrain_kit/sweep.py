@@ -27,11 +27,13 @@ import pandas as pd
 import ray
 from ray import tune
 
+from raytrain_kit import checkpoint as ckpt
 from raytrain_kit import launch
 from raytrain_kit.config import Experiment, SearchDomain, to_yaml, with_overrides
 from raytrain_kit.data import DataSpec, build_datasets, build_folds, describe_data
 from raytrain_kit.errors import ConfigError, RunError, short_message
 from raytrain_kit.preflight import run_preflight
+from raytrain_kit.storage import read_run_file
 from raytrain_kit.tracking import check_tracking, end_mlflow_run, start_mlflow_run
 
 TRIALS_CSV, TRIALS_PARQUET, HISTORY_PARQUET, BEST_YAML = "trials.csv", "trials.parquet", "history.parquet", "best.yaml"
@@ -291,6 +293,14 @@ class TrialTrainable(tune.Trainable):
         return with_overrides(self.cfg, {"run.name": _run_name(self.trial_id, fold, self.num_folds, attempt)})
 
     def step(self) -> dict:
+        if self.starts and not (self.runs or self.threads):
+            # A killed driver's trial process trains on to its last epoch before it dies, and its
+            # run prunes the checkpoint Tune last saw (`kept_checkpoint`): the trial may continue
+            # from its final checkpoint. It has nothing left to train; its result is that epoch's.
+            final = final_epoch_result(self.starts, epochs=self.cfg.train.epochs)
+            if final is not None:
+                self.latest = self.starts
+                return {**final, "done": True}
         return self._step_in_process() if self.in_process else self._step_with_trainer()
 
     def _step_in_process(self) -> dict:
@@ -417,6 +427,18 @@ def kept_checkpoint(path: Optional[str]) -> Optional[str]:
     kept = launch.checkpoint_dirs(run)
     later = sorted(e for e in kept if e > int(name.rsplit("_", 1)[1]))
     return kept[later[0]] if later else kept[max(kept)] if kept else None
+
+
+def final_epoch_result(starts: Sequence[Optional[str]], *, epochs: int) -> Optional[dict]:
+    """The Tune result of a trial whose every fold continues from a checkpoint of its run's last
+    epoch (`epochs`): that epoch's metrics from each checkpoint's history, aggregated over the
+    folds (`aggregate_folds`). None if any fold has epochs left to train (or no checkpoint)."""
+    if not starts or not all(starts):
+        return None
+    last = [json.loads(read_run_file(path, ckpt.HISTORY_FILE))[-1] for path in starts]
+    if any(int(entry.get("epoch", 0)) < epochs for entry in last):
+        return None
+    return aggregate_folds(last)
 
 
 def _run_name(trial_id: str, fold: int, num_folds: int, attempt: int) -> str:

@@ -111,6 +111,37 @@ def test_a_reused_trial_process_clones_a_donor_as_pbt_does(ray_session, tmp_path
     assert clone_results[0]["lr"] == pytest.approx(lr_at(46, base_lr=0.002, cfg=cfg.schedule, total_steps=92), rel=1e-9)
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["in_process", "torchtrainer"])
+def test_a_trial_continued_from_its_final_checkpoint_reports_that_epoch_and_trains_nothing(ray_session, tmp_path, workers):
+    """A killed driver's trial process trains on to its last epoch and prunes the checkpoint Tune
+    saw, so `tune --resume` continued the trial from its final checkpoint: it trained nothing and
+    reported no val_accuracy, and Tune failed the whole resumed sweep (seen in CI)."""
+    from ray import tune
+
+    from raytrain_kit.data import build_datasets
+    from raytrain_kit.sweep import TrialTrainable
+
+    cfg = build_experiment({**TRIAL, "train": {"epochs": 2, "batch_size": 64, "seed": 5},
+                            "run": {"name": "ended", "storage_path": str(tmp_path / "runs")},
+                            "tune": {"space": {"optim.lr": {"grid": [0.004]}}}})
+    sweep_dir = tmp_path / "runs" / "ended"
+    trainable_class = tune.with_parameters(TrialTrainable, base=trial_base(cfg, str(sweep_dir)),
+                                           data=[build_datasets(cfg)], parallel_folds=False)
+    trial = trainable_class(config={"optim.lr": 0.004})
+    finished = [trial.train() for _ in range(2)]
+    saved = trial.save(str(tmp_path / "tune_checkpoint"))  # points at checkpoint_epoch_0002, the last
+    assert finished[-1]["done"]
+    assert trial.reset({"optim.lr": 0.004, "scaling.num_workers": workers})
+    trial.restore(saved)
+    started = time.monotonic()
+    result = trial.train()
+    trial.stop()
+    assert result["done"] and result["epoch"] == 2 and result["training_iteration"] == 3
+    assert result["val_accuracy"] == finished[-1]["val_accuracy"] and result["val_loss"] == finished[-1]["val_loss"]
+    assert [p.name for p in (sweep_dir / "runs").iterdir()] == [trial.trial_id]  # no new attempt run
+    assert time.monotonic() - started < 5  # no Ray Train run was started for it
+
+
 def test_quiet_sweep_prints_only_the_result(tmp_path):
     """`tune -q` through the CLI in a fresh process: the result block alone, nothing from Ray."""
     config = tmp_path / "quiet.yaml"
