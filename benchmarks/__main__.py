@@ -87,7 +87,7 @@ def run_perf(names: list[str], *, quick: bool) -> dict[str, dict]:
             startup, end_to_end = perf.startup_and_end_to_end(quick, work)
             results.update({k: v for k, v in (("startup", startup), ("end_to_end", end_to_end)) if k in names})
         if {"overhead", "scaling", "ingest"} & set(names):  # an idle Ray beside another benchmark would skew it
-            connect()
+            connect(state_api=False)  # as `raytrain-kit train` starts it
         if "overhead" in names:
             results["overhead"] = perf.overhead(quick, work)
         if "scaling" in names:

@@ -1,5 +1,6 @@
-"""The floor under the kit's start-up: Ray started as the kit starts it (`cluster.connect`), then
-a `TorchTrainer` with 2 workers whose train function only notes the time. No data, no model,
+"""The floor under the kit's start-up: Ray started as `raytrain-kit train` starts it
+(`cluster.connect`, embedded, without the State API), then a stock `TorchTrainer` with 2 workers
+whose train function only notes the time. No data, no model,
 no preflight: what any Ray Train program pays on this machine before its first line of training.
 Prints one JSON line with the wall-clock times Ray was ready and the train function began.
 
@@ -25,7 +26,7 @@ def main() -> None:
     storage = sys.argv[1]
     from raytrain_kit.cluster import connect
 
-    connect()
+    connect(state_api=False)
     ray_ready = time.time()
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

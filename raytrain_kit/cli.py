@@ -201,7 +201,9 @@ def _train(args) -> int:
     cfg = _load(args)
     check_run_name(cfg, resume=args.resume)  # refused in a moment, not after Ray's start
     progress = Progress(total_epochs=cfg.train.epochs, verbosity=_verbosity(args))
-    started_ray = connect(args.address, verbose=progress.verbosity >= VERBOSE)  # before the kit's heavy imports
+    # Before the kit's heavy imports. One run, whose embedded Ray ends with this process: no
+    # State API (cluster.needs_placement_group_cleaner).
+    started_ray = connect(args.address, verbose=progress.verbosity >= VERBOSE, state_api=False)
     from raytrain_kit.api import train
     from raytrain_kit.launch import run_dir
 

@@ -26,6 +26,7 @@ from raytrain_kit.errors import RunError, short_message
 # Set when this process started the Ray it uses: such a cluster cannot grow, so a request that
 # does not fit will never be scheduled. A real cluster may autoscale to fit it.
 _started_embedded_ray = False
+_embedded_state_api = True  # whether the embedded Ray this process started serves the State API
 _ray_ready_at: Optional[float] = None
 # Ray start failures a second try usually gets past (a loaded machine; messages of Ray 2.60).
 TRANSIENT_START_FAILURES = ("timed out during startup", "Failed to start the dashboard")
@@ -37,12 +38,14 @@ def connect(address: Optional[str] = None, *, verbose: bool = False, state_api: 
 
     Returns True when this call started an embedded Ray (its caller ends it: `disconnect`).
 
-    `state_api=False`: the embedded Ray starts no dashboard, for work that starts no Ray Train
-    run (a sweep whose trials train in their own processes). The dashboard serves the State API
-    only Ray Train's clean-up uses, and its processes cost about 2 s of CPU at the start.
+    `state_api=False`: the embedded Ray starts no dashboard, for work that never sees a Ray Train
+    controller die while this process lives (one `train` command; a sweep whose trials train in
+    their own processes). The dashboard serves the State API only Ray Train's placement-group
+    clean-up uses (`needs_placement_group_cleaner`); its processes cost about 2 s of CPU at the
+    start, and with the cleaner's polling about 3% of a core all through training.
     Ray's own log stream (its actors' and workers' output, which reprints every traceback) reaches
     this process only when `verbose`: the kit prints progress and worker errors itself."""
-    global _ray_ready_at, _started_embedded_ray
+    global _ray_ready_at, _started_embedded_ray, _embedded_state_api
     if ray.is_initialized():
         return False
     # Ray's start is mostly waiting for its processes; import torch meanwhile (about 1.5 s
@@ -66,7 +69,7 @@ def connect(address: Optional[str] = None, *, verbose: bool = False, state_api: 
         ray.init(address=address, **quiet)
     else:
         _start_embedded_ray(quiet, state_api=state_api)
-        _started_embedded_ray = True
+        _started_embedded_ray, _embedded_state_api = True, state_api
     if not verbose:
         _hide_raylet_messages()
     importlib.import_module("ray.data")  # after Ray's start: not at the same time as torch's import
@@ -79,6 +82,15 @@ def connect(address: Optional[str] = None, *, verbose: bool = False, state_api: 
     preload.join()
     _ray_ready_at = time.time()
     return not (address or os.environ.get("RAY_ADDRESS"))
+
+
+def needs_placement_group_cleaner() -> bool:
+    """Whether a Ray Train run here keeps Ray Train's PlacementGroupCleaner: a detached actor that
+    polls the State API every second and frees the run's CPUs if its controller dies while the
+    cluster lives on (a Tune trial's actor stopped under it). Not in an embedded Ray started
+    without the State API: the cleaner could not see the controller there, and that Ray ends with
+    this process, which is the controller's owner."""
+    return not (_started_embedded_ray and not _embedded_state_api)
 
 
 def _start_embedded_ray(quiet: dict, *, state_api: bool) -> None:

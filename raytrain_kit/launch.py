@@ -278,22 +278,27 @@ def scaling_config(cfg: Experiment) -> ScalingConfig:
 
 @functools.lru_cache(maxsize=None)
 def _trainer_class():
-    """`TorchTrainer`, less the dataset manager actor when a run passes it no datasets.
+    """`TorchTrainer`, less two actors a run may not need.
 
-    Ray Train 2.60 starts that actor (a process importing Ray Data: 0.4-0.6 s of CPU measured
-    here, at the end of a run's start, when both cores are busy) for every run, datasets or
-    none; in-memory data reaches the workers in their loop config and never asks it for a
-    shard. Without the actor a worker's train context has no shard provider, which only
-    `get_dataset_shard` reads. The hook is Ray Train's private `_create_default_callbacks`: a
-    Ray without it leaves the trainer as it is."""
+    - The dataset manager, when a run passes it no datasets. Ray Train 2.60 starts that actor (a
+      process importing Ray Data: 0.4-0.6 s of CPU measured here, at the end of a run's start,
+      when both cores are busy) for every run, datasets or none; in-memory data reaches the
+      workers in their loop config and never asks it for a shard. Without the actor a worker's
+      train context has no shard provider, which only `get_dataset_shard` reads.
+    - The placement-group cleaner, where `cluster.needs_placement_group_cleaner` says so.
+
+    The hook is Ray Train's private `_create_default_callbacks`: a Ray without it leaves the
+    trainer as it is."""
     from ray.train.torch import TorchTrainer
+
+    from raytrain_kit.cluster import needs_placement_group_cleaner
 
     class KitTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [cb for cb in callbacks if type(cb).__name__ != "DatasetsCallback"]
+            dropped = set() if self.datasets else {"DatasetsCallback"}
+            if not needs_placement_group_cleaner():
+                dropped.add("PlacementGroupCleanerCallback")
+            return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in dropped]
 
     return KitTorchTrainer
 
