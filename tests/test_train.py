@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from raytrain_kit.launch import best_of, fit
 from raytrain_kit.models import build_model
 from raytrain_kit.optim import build_optimizer, build_scheduler
 from raytrain_kit.steps import train_epoch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
@@ -163,6 +168,35 @@ def test_embedded_ray_keeps_the_idle_processes_a_run_needs_again(ray_session, st
     assert not [w.exit_detail for w in ended if "idle" in (w.exit_detail or "")]
     assert not list_actors(filters=[("class_name", "=", "PreemptionWatcher")], limit=10_000)
     assert cfg.data.in_memory and dataset_managers() == managers_before
+    # This Ray serves the State API (a session's, as the sweep's): Ray Train's cleaner guards the run.
+    assert list_actors(filters=[("class_name", "=", "PlacementGroupCleaner")], limit=10_000)
+
+
+def test_a_train_commands_embedded_ray_runs_no_placement_group_cleaner(tmp_path):
+    """`raytrain-kit train` starts its Ray without the State API, and its run without Ray Train's
+    placement-group cleaner: a detached actor that polls the State API every second to free the
+    run's CPUs should the controller die while the cluster lives on; this Ray ends with the
+    command, the controller's owner. Ray's own actor table (GCS) shows what the run started."""
+    script = f"""
+import json, ray, ray._private.state
+from raytrain_kit.cluster import connect
+connect(state_api=False)  # as cli._train
+from raytrain_kit.config import build_experiment
+from raytrain_kit.launch import fit
+cfg = build_experiment({{"data": {{"source": "synthetic", "num_rows": 600, "num_features": 8, "num_classes": 3}},
+                        "model": {{"kind": "mlp", "hidden": [16]}}, "train": {{"epochs": 1, "batch_size": 32}},
+                        "scaling": {{"num_workers": 2}}, "run": {{"name": "no-cleaner", "storage_path": {str(tmp_path)!r}}}}})
+status = fit(cfg)["status"]
+print(json.dumps([status, sorted(a["ActorClassName"] for a in ray._private.state.actors().values())]))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    status, actors = json.loads(done.stdout.strip().splitlines()[-1])
+    assert status == "finished"
+    assert "TrainController" in actors and actors.count("RayTrainWorker") == 2  # the table shows the run
+    assert "PlacementGroupCleaner" not in actors
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
