@@ -43,7 +43,12 @@ def rows_of(name: str, r: dict) -> list[tuple[str, str, str, str, str]]:
                  f">= {r['goal']} of plain DDP's"),
                 ("scaling, plain DDP (torchrun 2 vs 1 process)", f"{r['plain_ddp_two_processes_samples_per_s']:,.0f} samples/s",
                  f"{r['plain_one_process_samples_per_s']:,.0f} samples/s (1 process)",
-                 f"efficiency {r['plain_ddp_efficiency']:.3f}", "reported")]
+                 f"efficiency {r['plain_ddp_efficiency']:.3f}", "reported")] + ([
+                ("scaling floor: plain loop in a stock TorchTrainer", f"{r['floor_two_workers_samples_per_s']:,.0f} samples/s",
+                 f"{r['floor_one_worker_samples_per_s']:,.0f} samples/s (1 worker)",
+                 f"{r['floor_relative_to_plain_ddp']:.3f} of plain DDP's", "reported"),
+                ("scaling over its floor", f"speed-up {r['speedup']:.3f}", "the floor's",
+                 f"{r['relative_to_floor']:.3f}", "reported")] if "relative_to_floor" in r else [])
     if name == "startup":
         # Re-based on the floor below: Ray Train alone starts 4-5x slower than torchrun on 2 cores.
         rows = [("startup (to first step)", f"{r['kit_s']:.1f} s", f"{r['torchrun_s']:.1f} s (torchrun)",
@@ -86,12 +91,12 @@ def run_perf(names: list[str], *, quick: bool) -> dict[str, dict]:
         if "startup" in names or "end_to_end" in names:
             startup, end_to_end = perf.startup_and_end_to_end(quick, work)
             results.update({k: v for k, v in (("startup", startup), ("end_to_end", end_to_end)) if k in names})
-        if {"overhead", "scaling", "ingest"} & set(names):  # an idle Ray beside another benchmark would skew it
+        if "scaling" in names:  # each side starts its own processes (and Ray) on an idle machine
+            results["scaling"] = perf.scaling(quick, work)
+        if {"overhead", "ingest"} & set(names):  # an idle Ray beside another benchmark would skew it
             connect(state_api=False)  # as `raytrain-kit train` starts it
         if "overhead" in names:
             results["overhead"] = perf.overhead(quick, work)
-        if "scaling" in names:
-            results["scaling"] = perf.scaling(quick, work)
         if "ingest" in names:
             results["ingest"] = perf.ingest(quick, work)
     finally:

@@ -114,7 +114,8 @@ def main(argv=None) -> None:
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world_size > 1:
+    own_group = world_size > 1 and not dist.is_initialized()  # under Ray Train (bare_ddp.py) it exists
+    if own_group:
         dist.init_process_group("gloo")
     x_train, y_train, x_val, y_val = digits_data(args.seed) if args.workload == "digits" else mlp_data(args.rows, args.seed)
     # An equal shard per rank, as Ray Train's split gives each worker.
@@ -167,7 +168,7 @@ def main(argv=None) -> None:
                  val_accuracy=float(correct[0] / correct[1]))
         if args.target is not None and correct[0] / correct[1] >= args.target:
             break
-    if world_size > 1:
+    if own_group:
         dist.destroy_process_group()
 
 
