@@ -273,6 +273,9 @@ def write_report(directory: str, *, num_top: int = 10) -> list[str]:
                                "epochs": summary["epochs_completed"], "wall s": summary["wall_s"],
                                "start-up s": (summary.get("startup") or {}).get("first_step")}])
         text = (f"# Run {directory.rsplit('/', 1)[-1]}\n\n{_markdown_table(facts)}\n\n"
+                "*wall s*: seconds from the data built and the preflight passed to the run's end; "
+                "*start-up s*: from this process's start to the first optimizer step "
+                "(`startup` in summary.json gives each stage).\n\n"
                 + (f"Error: {summary['error']}\n\n" if summary.get("error") else "")
                 + f"![learning curves, lr, throughput and time per epoch]({CURVES_PNG})\n")
         if summary.get("confusion") and summary.get("classes"):

@@ -130,7 +130,13 @@ def test_run_writes_metrics_csv_tensorboard_mlflow_and_its_report(ray_session, t
 
     assert main(["report", str(run_dir)]) == 0
     assert_picture(run_dir / "curves.png")
-    assert "![" in (run_dir / "report.md").read_text() and "curves.png" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "![" in report and "curves.png" in report
+    # Its table's figures, and what each column means (a newcomer could not tell what "wall s" timed).
+    facts = report.split("\n")[4].strip("| ").split(" | ")
+    assert facts[:5] == ["finished", "val_accuracy", f"{summary['best_value']:.4g}", str(summary["best_epoch"]), "3"]
+    assert float(facts[5]) == pytest.approx(summary["wall_s"], abs=0.01)
+    assert "*wall s*: seconds from the data built" in report and "*start-up s*: from this process's start" in report
 
 
 def test_every_epoch_reaches_the_records_once_in_order_whichever_way_it_travelled(ray_session, tmp_path):
