@@ -21,7 +21,7 @@ from typing import Iterator, Optional
 
 import ray
 
-from raytrain_kit.errors import RunError, short_message
+from raytrain_kit.errors import ConfigError, RunError, short_message
 
 # Set when this process started the Ray it uses: such a cluster cannot grow, so a request that
 # does not fit will never be scheduled. A real cluster may autoscale to fit it.
@@ -66,6 +66,8 @@ def connect(address: Optional[str] = None, *, verbose: bool = False, state_api: 
     quiet = dict(logging_level=logging.INFO if verbose else logging.WARNING, configure_logging=True,
                  log_to_driver=verbose)
     if address or os.environ.get("RAY_ADDRESS"):
+        _check_reachable(address or os.environ["RAY_ADDRESS"],
+                         source=f"--address {address}" if address else f"RAY_ADDRESS={os.environ['RAY_ADDRESS']}")
         ray.init(address=address, **quiet)
     else:
         _start_embedded_ray(quiet, state_api=state_api)
@@ -84,13 +86,30 @@ def connect(address: Optional[str] = None, *, verbose: bool = False, state_api: 
     return not (address or os.environ.get("RAY_ADDRESS"))
 
 
+def _check_reachable(address: str, *, source: str, timeout_s: float = 5.0) -> None:
+    """Raise ConfigError unless a `host:port` cluster address (`ray://` too) accepts a TCP
+    connection within `timeout_s`: Ray 2.60's `ray.init` retries an address that nothing listens
+    on for minutes before it fails. Other forms ("auto", "local", other schemes) are Ray's to resolve."""
+    import socket
+
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not host or "/" in host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"{source}: no Ray cluster answers there ({e.strerror or type(e).__name__}); start one "
+                          "(`ray start --head`, or `ray up cluster.yaml` and `ray attach`), correct the address, "
+                          "or unset it to start an embedded Ray on this machine") from None
+
+
 def needs_placement_group_cleaner() -> bool:
     """Whether a Ray Train run here keeps Ray Train's PlacementGroupCleaner: a detached actor that
     polls the State API every second and frees the run's CPUs if its controller dies while the
     cluster lives on (a Tune trial's actor stopped under it). Not in an embedded Ray started
     without the State API: the cleaner could not see the controller there, and that Ray ends with
     this process, which is the controller's owner."""
-    return not (_started_embedded_ray and not _embedded_state_api)
+    return not _started_embedded_ray or _embedded_state_api
 
 
 def _start_embedded_ray(quiet: dict, *, state_api: bool) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,28 @@ def test_a_run_name_taken_or_missing_is_refused_before_any_ray(tmp_path):
         assert line.startswith(expected), line
         assert done.stdout == ""
     assert sorted(p.name for p in storage.iterdir()) == ["digits"] and (storage / "digits" / "summary.json").read_text() == "{}"
+
+
+def test_a_cluster_address_nothing_answers_is_refused_in_seconds_not_minutes(tmp_path):
+    """RAY_ADDRESS (or --address) naming a host:port where no Ray listens: Ray's own `ray.init`
+    retried it for minutes (the old code outlasted a 120 s timeout); the kit says so in one line."""
+    from raytrain_kit.cluster import _free_port
+
+    storage = tmp_path / "runs"
+    port = _free_port()  # bound and closed again: nothing listens there
+    cases = [({"RAY_ADDRESS": f"127.0.0.1:{port}"}, [], f"error: RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answers there"),
+             ({}, ["--address", f"127.0.0.1:{port}"], f"error: --address 127.0.0.1:{port}: no Ray cluster answers there")]
+    for env_extra, extra, expected in cases:
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **env_extra}
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "raytrain_kit", "train", "jobs/digits.yaml",
+                               "--set", f"run.storage_path={storage}", *extra],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2, done.stderr
+        (line,) = done.stderr.strip().splitlines()
+        assert line.startswith(expected) and "ray start --head" in line, line
+        assert time.monotonic() - started < 30
+    assert not storage.exists()  # no run was begun
 
 
 def test_process_exit_code_and_no_traceback(tmp_path):
