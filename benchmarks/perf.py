@@ -160,15 +160,19 @@ def kit_cli_rate(workload: str, *, quick: bool, work: str, num_workers: int, bat
     return steady_samples_per_s([h["wall_time"] for h in summary["history"]], _train_rows(summary))
 
 
+def _mlp_args(quick: bool, batch_size: int) -> list[str]:
+    s = sizes(quick)
+    return ["mlp", "--batch-size", str(batch_size), "--epochs", str(s["mlp_epochs"]), "--rows", str(s["mlp_rows"])]
+
+
 def plain_rate(workload: str, *, quick: bool, nproc: int = 0, batch_size: Optional[int] = None) -> float:
     """Steady-state samples/s of the plain loop: one process, or `nproc` under torchrun."""
     s = sizes(quick)
     batch_size = batch_size or (32 if workload == "digits" else 256)
     key = ("plain", workload, nproc, batch_size)
     if key not in _MEASURED:
-        args = [workload, "--batch-size", str(batch_size)] + (
-            ["--epochs", str(s["digits_epochs"])] if workload == "digits" else
-            ["--epochs", str(s["mlp_epochs"]), "--rows", str(s["mlp_rows"])])
+        args = (["digits", "--batch-size", str(batch_size), "--epochs", str(s["digits_epochs"])]
+                if workload == "digits" else _mlp_args(quick, batch_size))
         _, events = run_plain(args, nproc=nproc)
         epochs = [e for e in events if e["event"] == "epoch"]
         _MEASURED[key] = steady_samples_per_s([e["time"] for e in epochs], epochs[0]["rows"])
@@ -203,11 +207,6 @@ def _train_rows(summary: dict) -> int:
     """Rows one epoch trains on: every worker's equal share of the training split."""
     history = summary["history"]
     return int(round(history[-1]["samples_per_s"] * history[-1]["epoch_s"]))
-
-
-def _mlp_args(quick: bool, batch_size: int) -> list[str]:
-    s = sizes(quick)
-    return ["mlp", "--batch-size", str(batch_size), "--epochs", str(s["mlp_epochs"]), "--rows", str(s["mlp_rows"])]
 
 
 def bare_ddp_rate(quick: bool, work: str, *, num_workers: int, batch_size: int) -> float:
