@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from fractions import Fraction
 
 import numpy as np
@@ -291,3 +292,48 @@ def test_the_first_rows_and_the_blocks_of_a_materialized_dataset_come_without_an
         np.testing.assert_array_equal(rows["y"], taken["y"])
         assert len(rows["y"]) == min(num_rows, 50)
     np.testing.assert_array_equal(head_rows(lazy, 33)["x"], x[:33])
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 3])
+def test_the_workers_pieces_are_ray_datas_own_split_cut_without_a_task(ray_session, num_workers):
+    """`split_for_workers` gives each worker the rows Ray Data's `split(n, equal=True)` gives it
+    (training) and `split_at_indices` at even fractions (validation), across uneven blocks, for a
+    materialized and a lazy dataset alike; the materialized one is cut without running a task
+    (Ray's task table is unchanged)."""
+    import ray
+
+    from raytrain_kit.data import read_block_ranges, split_for_workers
+
+    rows = 61
+    x = np.arange(rows * 2, dtype=np.float32).reshape(rows, 2)
+    edges = [0, 7, 8, 30, 44, 61]  # blocks of 7, 1, 22, 14 and 17 rows
+    blocks = [pd.DataFrame({"x": list(x[a:b]), "y": np.arange(a, b)}) for a, b in zip(edges, edges[1:])]
+    lazy = ray.data.from_pandas(blocks).map_batches(
+        lambda b: {"x": np.stack(b["x"]).astype(np.float32), "y": b["y"]}, batch_format="pandas")
+    materialized = lazy.materialize()
+
+    def expected(name):
+        if name == "train":
+            return materialized.split(num_workers, equal=True)
+        if num_workers == 1:
+            return [materialized]
+        return materialized.split_at_indices([rows * i // num_workers for i in range(1, num_workers)])
+
+    def num_tasks():
+        time.sleep(2.5)  # task events reach the State API within a second (their report interval)
+        return len(ray.util.state.list_tasks(limit=10_000))
+
+    for ds in (materialized, lazy):
+        tasks_before = num_tasks() if ds is materialized else None
+        pieces = split_for_workers({"train": ds, "val": ds}, num_workers=num_workers)
+        if ds is materialized:
+            assert num_tasks() == tasks_before
+        for name in ("train", "val"):
+            assert len(pieces[name]) == num_workers
+            for piece, part in zip(pieces[name], expected(name)):
+                got, want = read_block_ranges(piece), _arrays(part)
+                np.testing.assert_array_equal(got["y"], want[1])
+                np.testing.assert_array_equal(got["x"], want[0])
+        train_rows = [len(read_block_ranges(p)["y"]) for p in pieces["train"]]
+        assert train_rows == [rows // num_workers] * num_workers
+        assert sum(len(read_block_ranges(p)["y"]) for p in pieces["val"]) == rows
