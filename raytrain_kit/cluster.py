@@ -112,6 +112,12 @@ def needs_placement_group_cleaner() -> bool:
     return not _started_embedded_ray or _embedded_state_api
 
 
+def can_autoscale() -> bool:
+    """Whether the Ray here may grow on demand, so that a run should tell Ray's autoscaling
+    coordinator what it needs. Not an embedded Ray: it has this machine's CPUs and no more."""
+    return not _started_embedded_ray
+
+
 def _start_embedded_ray(quiet: dict, *, state_api: bool) -> None:
     """Start a Ray of this machine's CPUs in this process (`connect`'s third choice)."""
     # "local" never attaches to a stale cluster recorded in the temp dir by `ray start`. The

@@ -278,7 +278,7 @@ def scaling_config(cfg: Experiment) -> ScalingConfig:
 
 @functools.lru_cache(maxsize=None)
 def _trainer_class():
-    """`TorchTrainer`, less two actors a run may not need.
+    """`TorchTrainer`, less what a run may not need.
 
     - The dataset manager, when a run passes it no datasets. Ray Train 2.60 starts that actor (a
       process importing Ray Data: 0.4-0.6 s of CPU measured here, at the end of a run's start,
@@ -286,12 +286,32 @@ def _trainer_class():
       workers in their loop config and never asks it for a shard. Without the actor a worker's
       train context has no shard provider, which only `get_dataset_shard` reads.
     - The placement-group cleaner, where `cluster.needs_placement_group_cleaner` says so.
+    - The resource requests to Ray's autoscaling coordinator, for a run that passes no datasets
+      on a Ray that cannot grow (`cluster.can_autoscale`). Ray Train's fixed scaling policy sends
+      one as its controller starts, and waits for it: the coordinator is an actor of its own,
+      started on demand (a process importing Ray Data), in the middle of a run's start. It tells
+      an autoscaler what to add, and Ray Data's executions what Train holds; an embedded Ray has
+      no autoscaler, and a run without datasets runs no Ray Data execution beside its workers.
 
-    The hook is Ray Train's private `_create_default_callbacks`: a Ray without it leaves the
-    trainer as it is."""
+    The hooks are Ray Train's private `_create_default_callbacks` and
+    `_initialize_and_run_controller` (its `scaling_policy` argument): a Ray without them leaves
+    the trainer as it is."""
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
-    from raytrain_kit.cluster import needs_placement_group_cleaner
+    from raytrain_kit.cluster import can_autoscale, needs_placement_group_cleaner
+
+    class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
+        """Ray Train's fixed scaling policy, less its requests to the autoscaling coordinator."""
+
+        def _send_resource_request(self):
+            pass
+
+        def _maybe_send_resource_request(self):
+            pass
+
+        def _cancel_resource_request(self):
+            pass
 
     class KitTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
@@ -299,6 +319,12 @@ def _trainer_class():
             if not needs_placement_group_cleaner():
                 dropped.add("PlacementGroupCleanerCallback")
             return [cb for cb in super()._create_default_callbacks() if type(cb).__name__ not in dropped]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            policy = controller_init_kwargs.get("scaling_policy")
+            if not self.datasets and not can_autoscale() and type(policy) is FixedScalingPolicy:
+                controller_init_kwargs["scaling_policy"] = FixedScalingWithoutAutoscaler(policy.scaling_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     return KitTorchTrainer
 

@@ -59,6 +59,13 @@ def test_ray_job_submit_as_in_the_readme(ray_head, tmp_path):
     assert f"Job '{job_id}' succeeded" in status.stdout, status.stdout + status.stderr
     summary = json.loads((tmp_path / "digits" / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["epochs_completed"] == 2
+    # A cluster may grow: the run told Ray's autoscaling coordinator what it needs (an embedded
+    # Ray, which cannot, is spared the actor: test_train.py). The digits table runs no Ray Data
+    # execution, so the coordinator is there for the run alone.
+    actors = subprocess.run(["ray", "list", "actors", "--address", address, "--format", "json", "--limit", "1000"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert actors.returncode == 0, actors.stderr
+    assert "_AutoscalingCoordinatorActor" in {a["class_name"] for a in json.loads(actors.stdout)}
 
     # Without the token the job server refuses.
     anonymous = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}

@@ -172,19 +172,21 @@ def test_embedded_ray_keeps_the_idle_processes_a_run_needs_again(ray_session, st
     assert list_actors(filters=[("class_name", "=", "PlacementGroupCleaner")], limit=10_000)
 
 
-def test_a_train_commands_embedded_ray_runs_no_placement_group_cleaner(tmp_path):
+def test_a_train_commands_embedded_ray_runs_no_placement_group_cleaner_nor_autoscaling_coordinator(tmp_path):
     """`raytrain-kit train` starts its Ray without the State API, and its run without Ray Train's
     placement-group cleaner: a detached actor that polls the State API every second to free the
     run's CPUs should the controller die while the cluster lives on; this Ray ends with the
-    command, the controller's owner. Ray's own actor table (GCS) shows what the run started."""
+    command, the controller's owner. Nor does the run ask Ray's autoscaling coordinator (an actor
+    started on demand) for its CPUs: this Ray cannot grow, and the digits table, built in the
+    driver, runs no Ray Data execution. Ray's own actor table (GCS) shows what the run started."""
     script = f"""
 import json, ray, ray._private.state
 from raytrain_kit.cluster import connect
 connect(state_api=False)  # as cli._train
 from raytrain_kit.config import build_experiment
 from raytrain_kit.launch import fit
-cfg = build_experiment({{"data": {{"source": "synthetic", "num_rows": 600, "num_features": 8, "num_classes": 3}},
-                        "model": {{"kind": "mlp", "hidden": [16]}}, "train": {{"epochs": 1, "batch_size": 32}},
+cfg = build_experiment({{"data": {{"source": "digits"}}, "model": {{"kind": "mlp", "hidden": [16]}},
+                        "train": {{"epochs": 1, "batch_size": 64}}, "preflight": {{"enabled": False}},
                         "scaling": {{"num_workers": 2}}, "run": {{"name": "no-cleaner", "storage_path": {str(tmp_path)!r}}}}})
 status = fit(cfg)["status"]
 print(json.dumps([status, sorted(a["ActorClassName"] for a in ray._private.state.actors().values())]))
@@ -197,6 +199,7 @@ print(json.dumps([status, sorted(a["ActorClassName"] for a in ray._private.state
     assert status == "finished"
     assert "TrainController" in actors and actors.count("RayTrainWorker") == 2  # the table shows the run
     assert "PlacementGroupCleaner" not in actors
+    assert "_AutoscalingCoordinatorActor" not in actors
 
 
 @pytest.mark.parametrize("in_memory", [True, False])
