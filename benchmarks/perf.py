@@ -248,43 +248,72 @@ def scaling(quick: bool, work: str) -> dict:
     return out
 
 
+STARTUP_PAIRS = 3  # full runs: the kit and its floor, alternating; their ratio is the pairs' median
+
+
 def startup_and_end_to_end(quick: bool, work: str) -> tuple[dict, dict]:
     """One `raytrain-kit train jobs/digits.yaml` process (embedded Ray, 2 workers) against one
     `torchrun --nproc-per-node 2 plain.py digits` with the same global batch and schedule: the
-    seconds from process start to the first optimizer step, and to the target accuracy."""
+    seconds from process start to the first optimizer step, and to the target accuracy. Full runs
+    also measure the floor (`bare_train.py`) and take the kit over it as the median of
+    STARTUP_PAIRS alternating pairs: one pair moved by up to 20% with the machine (1.05x and
+    1.27x 35 minutes apart on the same code); the first pair's kit run is the end-to-end one, the
+    others train one epoch, which their first step does not wait for."""
     s = sizes(quick)
     started, events = run_plain(["digits", "--epochs", str(s["digits_epochs"]), "--target", str(s["target"])], nproc=2)
     first = next(e["time"] for e in events if e["event"] == "first_step")
     reached = next((e["time"] for e in events if e["event"] == "epoch" and e["val_accuracy"] >= s["target"]), None)
     plain_startup, plain_e2e = first - started, (reached - started) if reached else None
 
-    storage = os.path.join(work, "cli")
-    kit = run_kit_cli(ROOT / "jobs" / "digits.yaml", [f"run.storage_path={storage}", "run.name=startup",
-                                                      f"train.epochs={s['digits_epochs']}"], target=s["target"])
-    summary = json.loads((Path(storage) / "startup" / "summary.json").read_text())
+    kit, summary = _kit_startup(work, "startup", epochs=s["digits_epochs"], target=s["target"])
     kit_startup = summary["startup"]["first_step"]
     kit_e2e = kit["reached"] - kit["started"] if kit["reached"] else None
     startup = {"kit_s": round(kit_startup, 2), "torchrun_s": round(plain_startup, 2),
                "ratio": round(kit_startup / plain_startup, 3),
                "kit_stages_s": summary["startup"]}
     if not quick:  # what Ray Train itself costs: the same start with an empty train function
-        floor_storage = os.path.join(work, "bare")
-        os.makedirs(floor_storage, exist_ok=True)
-        started = time.time()
-        done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bare_train.py"), floor_storage],
-                              capture_output=True, text=True, timeout=600, start_new_session=True)
-        if done.returncode:
-            raise RuntimeError(f"bare_train.py failed:\n{done.stderr[-2000:]}")
-        floor = json.loads(done.stdout.strip().splitlines()[-1])
-        startup.update({"ray_train_floor_s": round(floor["train_fn"] - started, 2),
-                        "ray_ready_floor_s": round(floor["ray_ready"] - started, 2),
-                        "floor_ratio": round((floor["train_fn"] - started) / plain_startup, 3),
+        pairs = []
+        for i in range(STARTUP_PAIRS):
+            kit_s = kit_startup if i == 0 else \
+                _kit_startup(work, f"startup{i}", epochs=1, target=s["target"])[1]["startup"]["first_step"]
+            pairs.append((kit_s, _floor_startup(work, i)))
+        ratios = [kit_s / floor["train_fn_s"] for kit_s, floor in pairs]
+        middle = sorted(range(len(pairs)), key=lambda i: ratios[i])[len(pairs) // 2]
+        kit_s, floor = pairs[middle]
+        startup.update({"kit_s": round(kit_s, 2), "ratio": round(kit_s / plain_startup, 3),
+                        "ray_train_floor_s": round(floor["train_fn_s"], 2),
+                        "ray_ready_floor_s": round(floor["ray_ready_s"], 2),
+                        "floor_ratio": round(floor["train_fn_s"] / plain_startup, 3),
                         # Re-based: the kit's start-up over Ray Train's own (an empty TorchTrainer).
-                        "over_floor": round(kit_startup / (floor["train_fn"] - started), 3), "floor_goal": 1.10})
+                        "over_floor": round(ratios[middle], 3), "floor_goal": 1.10,
+                        "pairs": [{"kit_s": round(k, 2), "floor_s": round(f["train_fn_s"], 2),
+                                   "over_floor": round(r, 3)} for (k, f), r in zip(pairs, ratios)]})
     end_to_end = {"target_val_accuracy": s["target"], "kit_s": _round(kit_e2e), "plain_s": _round(plain_e2e),
                   "ratio": round(kit_e2e / plain_e2e, 3) if kit_e2e and plain_e2e else None,
                   "kit_best_val_accuracy": summary["best_value"]}
     return startup, end_to_end
+
+
+def _kit_startup(work: str, name: str, *, epochs: int, target: float) -> tuple[dict, dict]:
+    """`raytrain-kit train jobs/digits.yaml` as a user runs it: `run_kit_cli`'s times, and its summary."""
+    storage = os.path.join(work, "cli")
+    kit = run_kit_cli(ROOT / "jobs" / "digits.yaml", [f"run.storage_path={storage}", f"run.name={name}",
+                                                      f"train.epochs={epochs}"], target=target)
+    return kit, json.loads((Path(storage) / name / "summary.json").read_text())
+
+
+def _floor_startup(work: str, index: int) -> dict:
+    """`bare_train.py` as its own process: seconds from its start until Ray was ready and until
+    its empty train function began."""
+    floor_storage = os.path.join(work, f"bare{index}")
+    os.makedirs(floor_storage, exist_ok=True)
+    started = time.time()
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bare_train.py"), floor_storage],
+                          capture_output=True, text=True, timeout=600, start_new_session=True)
+    if done.returncode:
+        raise RuntimeError(f"bare_train.py failed:\n{done.stderr[-2000:]}")
+    floor = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"train_fn_s": floor["train_fn"] - started, "ray_ready_s": floor["ray_ready"] - started}
 
 
 def _round(value: Optional[float]) -> Optional[float]:
