@@ -297,21 +297,26 @@ def _trainer_class():
     `_initialize_and_run_controller` (its `scaling_policy` argument): a Ray without them leaves
     the trainer as it is."""
     from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 
     from raytrain_kit.cluster import can_autoscale, needs_placement_group_cleaner
 
-    class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
-        """Ray Train's fixed scaling policy, less its requests to the autoscaling coordinator."""
+    try:
+        from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+    except ImportError:  # another Ray's layout: its own policy stays
+        FixedScalingPolicy = None
 
-        def _send_resource_request(self):
-            pass
+    if FixedScalingPolicy is not None:
+        class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
+            """Ray Train's fixed scaling policy, less its requests to the autoscaling coordinator."""
 
-        def _maybe_send_resource_request(self):
-            pass
+            def _send_resource_request(self):
+                pass
 
-        def _cancel_resource_request(self):
-            pass
+            def _maybe_send_resource_request(self):
+                pass
+
+            def _cancel_resource_request(self):
+                pass
 
     class KitTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):
@@ -322,7 +327,8 @@ def _trainer_class():
 
         def _initialize_and_run_controller(self, **controller_init_kwargs):
             policy = controller_init_kwargs.get("scaling_policy")
-            if not self.datasets and not can_autoscale() and type(policy) is FixedScalingPolicy:
+            if FixedScalingPolicy is not None and type(policy) is FixedScalingPolicy and not self.datasets \
+                    and not can_autoscale():
                 controller_init_kwargs["scaling_policy"] = FixedScalingWithoutAutoscaler(policy.scaling_config)
             return super()._initialize_and_run_controller(**controller_init_kwargs)
 
