@@ -69,7 +69,7 @@ def rows_of(name: str, r: dict) -> list[tuple[str, str, str, str, str]]:
                 i = r[key]
                 rows.append((f"ingest (image folder, {what} -> decoded batches)", f"{i['decoded_images_per_s']:,.0f} images/s",
                              f"{i['cnn_two_workers_images_per_s']:,.0f} images/s (the CNN, 2 workers)",
-                             f"{i['ratio']:.2f}x", f">= {i['goal']}x"))
+                             f"{i['ratio']:.2f}x", f">= {i['goal']}x" if i["goal"] else "reported (below the floor)"))
         return rows
     if name == "end_to_end":
         kit = f"{r['kit_s']:.1f} s" if r["kit_s"] else "not reached"
