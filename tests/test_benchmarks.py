@@ -68,6 +68,11 @@ def test_quick_harness_runs_every_benchmark_and_emits_every_figure(tmp_path):
     table = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| benchmark")]
     assert [row.split("|")[1].split("(")[0].strip() for row in table] == [
         "startup", "end_to_end", "scaling", "scaling, plain DDP", "overhead", "overhead", "ingest", "ingest", "ingest"]
+    # Each row's goal as benchmarks/README states it: the 8x8 image folder is reported only (its
+    # decoding costs more than the CNN's step on this machine), the RGB one keeps its 3.0x.
+    goals = {row.split("|")[1].strip(): row.split("|")[5].strip() for row in table if "image folder" in row}
+    assert goals == {"ingest (image folder, 8x8 gray -> decoded batches)": "reported (below the floor)",
+                     "ingest (image folder, 32x32 RGB -> decoded batches)": ">= 3.0x"}, goals
 
 
 def test_gpu_check_skips_with_a_message_where_there_is_no_gpu():
